@@ -1,0 +1,153 @@
+"""The ASGI app: Ollama's paths go to the proxy, ``/otellama/*`` to otellama's own routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import http.cookiejar
+import logging
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from otellama import __version__
+from otellama.proxy import ChunkObserver, Proxy, Recorder
+from otellama.settings import Settings
+from otellama.transport import AiohttpTransport
+
+log = logging.getLogger("otellama")
+
+ADMIN_PREFIX = "/otellama/"
+
+
+class UpstreamProbe:
+    """Asks Ollama for its version every few seconds so ``/otellama/health`` can say whether it answers."""
+
+    def __init__(self, client: httpx.AsyncClient, url: str, interval: float) -> None:
+        self.client = client
+        self.url = url
+        self.interval = interval
+        self.ok: bool | None = None  # None until the first probe finished
+        self.checked_at: str | None = None
+        self.error: str | None = None
+        self.upstream_version: str | None = None
+
+    async def probe(self) -> None:
+        try:
+            response = await self.client.get(self.url + "/api/version", timeout=5.0)
+            self.ok = response.status_code == 200
+            self.error = None if self.ok else f"HTTP {response.status_code}"
+            if self.ok:
+                with contextlib.suppress(ValueError, AttributeError):
+                    self.upstream_version = response.json().get("version")
+        except Exception as exc:  # any failure means "did not answer"; the reason goes in the report
+            self.ok, self.error = False, f"{type(exc).__name__}: {exc}"
+        self.checked_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+    async def run(self) -> None:
+        while True:
+            await self.probe()
+            await asyncio.sleep(self.interval)
+
+
+class App:
+    """otellama's ASGI application. Everything it talks to can be injected, so tests need no patching."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        recorder: Recorder | None = None,
+        chunk_observer: ChunkObserver | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = httpx.AsyncClient(
+            transport=transport or AiohttpTransport(),
+            timeout=httpx.Timeout(
+                connect=settings.connect_timeout, read=settings.read_timeout, write=None, pool=None
+            ),
+            # One user's cookies must never reach the next: accept none.
+            cookies=http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[])),
+            follow_redirects=False,
+            trust_env=False,
+        )
+        self.proxy = Proxy(settings.upstream, self.client, recorder=recorder, chunk_observer=chunk_observer)
+        self.probe = UpstreamProbe(self.client, settings.upstream.url, settings.probe_interval)
+        self.admin = Starlette(routes=[Route("/otellama/health", self.health, methods=["GET", "HEAD"])])
+        self._background: list[asyncio.Task[Any]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            if scope["path"].startswith(ADMIN_PREFIX):
+                await self.admin(scope, receive, send)
+            else:
+                await self.proxy(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        else:  # Ollama speaks no WebSocket
+            await send({"type": "websocket.close", "code": 1003})
+
+    async def health(self, request: Request) -> Response:
+        """``GET /otellama/health``: always 200 while otellama runs; says whether Ollama answered."""
+        return JSONResponse(
+            {
+                "status": "ok",
+                "version": __version__,
+                "upstream": self.settings.upstream.url,
+                "upstream_ok": self.probe.ok,
+                "upstream_checked_at": self.probe.checked_at,
+                "upstream_error": self.probe.error,
+                "upstream_version": self.probe.upstream_version,
+            }
+        )
+
+    async def startup(self) -> None:
+        self._background.append(asyncio.get_running_loop().create_task(self.probe.run()))
+
+    async def shutdown(self) -> None:
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.client.aclose()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    recorder: Recorder | None = None,
+    chunk_observer: ChunkObserver | None = None,
+) -> App:
+    """Build otellama's ASGI app from ``settings`` (default: the environment)."""
+    return App(
+        settings or Settings.from_env(),
+        transport=transport,
+        recorder=recorder,
+        chunk_observer=chunk_observer,
+    )

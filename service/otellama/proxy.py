@@ -1,0 +1,331 @@
+"""Forwarding: one request in from the client, the same request out to Ollama, its bytes back as they come.
+
+This is the only module that talks to the network client. It is a plain ASGI app so that nothing sits
+between an upstream chunk and the client's socket but one ``send``. What the proxy saw of an exchange is
+collected into an :class:`Exchange` and handed to the ``recorder`` callback after the last byte went out;
+telemetry hooks in there and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import orjson
+from starlette.types import Message, Receive, Scope, Send
+
+from otellama.settings import Upstream
+
+log = logging.getLogger("otellama.proxy")
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus Host (rewritten: Ollama answers 403 to a Host it does not know).
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+#: Request bodies up to this size are kept for telemetry to parse after the response; larger ones are
+#: forwarded all the same and the record says the body was not parsed.
+BODY_CAPTURE_LIMIT = 1 << 20
+
+OK, ERROR, CANCELLED = "ok", "error", "cancelled"
+
+
+@dataclasses.dataclass(slots=True)
+class Exchange:
+    """What the proxy saw of one request and its response: raw facts, no interpretation.
+
+    Times are ``time.perf_counter()`` readings except :attr:`started_at` (wall clock, for timestamps).
+    """
+
+    method: str
+    path: str
+    query: bytes
+    request_headers: list[tuple[bytes, bytes]]
+    started_at: float
+    t_start: float
+    request_body: bytes | None = None  # whole body when it fit under BODY_CAPTURE_LIMIT
+    request_size: int = 0
+    status: int | None = None  # what the client got
+    response_headers: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
+    t_headers: float | None = None  # upstream response headers arrived
+    t_first_byte: float | None = None  # first body chunk went to the client
+    t_end: float = 0.0
+    response_size: int = 0
+    chunks: int = 0
+    outcome: str = OK  # ok | error | cancelled, from the proxy's point of view (HTTP status aside)
+    error: str | None = None  # what went wrong in transport, in words
+    error_type: str | None = None  # a short, low-cardinality class name for it
+
+    def response_header(self, name: bytes) -> bytes | None:
+        for key, value in self.response_headers:
+            if key.lower() == name:
+                return value
+        return None
+
+
+Recorder = Callable[[Exchange], None]
+"""Called once per exchange after the client got its last byte. Must not raise; errors are logged."""
+
+ChunkObserver = Callable[[Exchange], "Callable[[bytes, float], None] | None"]
+"""Given an exchange whose response headers arrived, returns a per-chunk callback (or None)."""
+
+
+class _ClientGone(Exception):
+    """The client disconnected; raised inside the request-body stream to abort the upload."""
+
+
+def _error_body(path: str, message: str) -> bytes:
+    # Clients parse errors in the shape of the API they called: flat for native, OpenAI's for /v1.
+    if path.startswith("/v1/"):
+        return orjson.dumps({"error": {"message": message, "type": "api_error", "param": None, "code": None}})
+    return orjson.dumps({"error": message})
+
+
+def classify_failure(exc: BaseException, upstream: Upstream) -> tuple[int, str, str]:
+    """Map an upstream transport failure to (status, message, error type). See transport.py's tree."""
+    where = upstream.url
+    if isinstance(exc, httpx.ReadTimeout):
+        return (
+            504,
+            f"otellama: Ollama at {where} sent nothing within the read timeout (OTELLAMA_READ_TIMEOUT)",
+            "timeout",
+        )
+    if isinstance(exc, httpx.ConnectTimeout):
+        return (
+            502,
+            f"otellama: could not connect to Ollama at {where} within the connect timeout "
+            "(OTELLAMA_CONNECT_TIMEOUT); check OTELLAMA_UPSTREAM / --upstream",
+            "connect_timeout",
+        )
+    if isinstance(exc, httpx.ConnectError):
+        return (
+            502,
+            f"otellama: cannot reach Ollama at {where} ({exc}); is it running? "
+            "Set OTELLAMA_UPSTREAM or --upstream to its address",
+            "connect_error",
+        )
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return (
+            502,
+            f"otellama: Ollama at {where} closed the connection without a valid response",
+            "protocol_error",
+        )
+    return 502, f"otellama: request to Ollama at {where} failed: {exc}", type(exc).__name__
+
+
+class Proxy:
+    """The ASGI app that forwards every request to Ollama."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        client: httpx.AsyncClient,
+        *,
+        recorder: Recorder | None = None,
+        chunk_observer: ChunkObserver | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.client = client
+        self.recorder = recorder
+        self.chunk_observer = chunk_observer
+        self._base = upstream.url.encode("latin-1")
+        self._host = upstream.host_header
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        exchange = Exchange(
+            method=scope["method"],
+            path=path,
+            query=scope["query_string"],
+            request_headers=scope["headers"],
+            started_at=time.time(),
+            t_start=time.perf_counter(),
+        )
+        task = asyncio.current_task()
+        assert task is not None
+        state = _State()
+        headers = [(k, v) for k, v in scope["headers"] if k not in _HOP_BY_HOP and k != b"host"]
+        headers.append((b"host", self._host))
+
+        first = await receive()
+        if first["type"] == "http.disconnect":
+            return  # gone before it sent a body: nothing reached Ollama, nothing to record
+        body: bytes = first.get("body", b"")
+        content: bytes | AsyncIterator[bytes]
+        if first.get("more_body", False):
+            content = self._body_stream(body, receive, exchange, state, task)
+        else:
+            content = body
+            exchange.request_size = len(body)
+            exchange.request_body = body
+            state.watch(receive, task)
+
+        raw_url = (
+            self._base
+            + scope.get("raw_path", path.encode())
+            + (b"?" + exchange.query if exchange.query else b"")
+        )
+        response: httpx.Response | None = None
+        try:
+            request = httpx.Request(
+                exchange.method, raw_url.decode("latin-1"), headers=headers, content=content
+            )
+            response = await self.client.send(request, stream=True)
+            exchange.t_headers = time.perf_counter()
+            await self._relay(response, exchange, send, state)
+        except asyncio.CancelledError:
+            if not state.client_gone:
+                raise
+            task.uncancel()
+            exchange.outcome, exchange.error_type = CANCELLED, CANCELLED
+            exchange.error = "client disconnected"
+        except (httpx.TransportError, _ClientGone) as exc:
+            if state.client_gone or isinstance(exc, _ClientGone):
+                exchange.outcome, exchange.error_type = CANCELLED, CANCELLED
+                exchange.error = "client disconnected"
+            else:
+                await self._fail(exc, exchange, send, state)
+        finally:
+            state.stop_watching()
+            if response is not None:
+                await _close(response, state)
+            exchange.t_end = time.perf_counter()
+        if self.recorder is not None:
+            try:
+                self.recorder(exchange)
+            except Exception:  # telemetry never touches the response; it already went out
+                log.exception("recording an exchange failed")
+
+    async def _relay(self, response: httpx.Response, exchange: Exchange, send: Send, state: _State) -> None:
+        headers = [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP_BY_HOP]
+        exchange.status = response.status_code
+        exchange.response_headers = headers
+        observe = self.chunk_observer(exchange) if self.chunk_observer is not None else None
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        state.response_started = True
+        size = chunks = 0
+        try:
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                now = time.perf_counter()
+                if not chunks:
+                    exchange.t_first_byte = now
+                size += len(chunk)
+                chunks += 1
+                if observe is not None:
+                    observe(chunk, now)
+        finally:
+            exchange.response_size, exchange.chunks = size, chunks
+        state.finished = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _fail(self, exc: BaseException, exchange: Exchange, send: Send, state: _State) -> None:
+        status, message, error_type = classify_failure(exc, self.upstream)
+        exchange.outcome, exchange.error, exchange.error_type = ERROR, message, error_type
+        log.warning("%s %s: %s", exchange.method, exchange.path, message)
+        if not state.response_started:
+            body = _error_body(exchange.path, message)
+            exchange.status = status
+            state.finished = True
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [
+                        (b"content-type", b"application/json; charset=utf-8"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        ctype = exchange.response_header(b"content-type") or b""
+        if ctype.startswith(b"application/x-ndjson"):
+            # Mid-stream, Ollama itself reports errors as one more NDJSON line; clients already handle it.
+            state.finished = True
+            line = orjson.dumps({"error": message}) + b"\n"
+            await send({"type": "http.response.body", "body": line, "more_body": False})
+            return
+        # Any other body cannot say "error" after its status went out: returning without finishing the
+        # response makes uvicorn cut the connection, so the client sees a truncated body, not a whole one.
+
+    async def _body_stream(
+        self, first: bytes, receive: Receive, exchange: Exchange, state: _State, task: asyncio.Task[Any]
+    ) -> AsyncIterator[bytes]:
+        kept: list[bytes] | None = [first]
+        size = len(first)
+        yield first
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                state.client_gone = True
+                raise _ClientGone()
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if kept is not None:
+                if size <= BODY_CAPTURE_LIMIT:
+                    kept.append(chunk)
+                else:
+                    kept = None
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                break
+        exchange.request_size = size
+        exchange.request_body = b"".join(kept) if kept is not None else None
+        state.watch(receive, task)
+
+
+async def _close(response: httpx.Response, state: _State) -> None:
+    try:
+        await response.aclose()
+    except asyncio.CancelledError:
+        # The disconnect watcher fired while we were already tidying up: the cancellation was for us.
+        if not state.client_gone:
+            raise
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        await response.aclose()
+
+
+class _State:
+    """Per-request flags shared between the relay and the disconnect watcher."""
+
+    __slots__ = ("_watcher", "client_gone", "finished", "response_started")
+
+    def __init__(self) -> None:
+        self.client_gone = False
+        self.response_started = False
+        self.finished = False  # the last body message is being sent; a disconnect now is the normal end
+        self._watcher: asyncio.Task[None] | None = None
+
+    def watch(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        """Once the body is in, the only thing ``receive`` can still say is that the client left."""
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(receive, task))
+
+    async def _watch(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        message: Message = await receive()
+        while message["type"] != "http.disconnect":
+            message = await receive()
+        if not self.finished:
+            self.client_gone = True
+            task.cancel()  # Ollama stops generating only when its own request is closed
+
+    def stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()

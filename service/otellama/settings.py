@@ -1,0 +1,131 @@
+"""Every setting otellama reads, in one place.
+
+Each setting has one environment variable; command-line flags override the environment. The standard
+``OTEL_*`` variables are read by the telemetry module as users know them and are not repeated here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_UPSTREAM = "http://127.0.0.1:11434"
+
+
+class SettingsError(ValueError):
+    """A setting has a value otellama cannot use; the message names the setting."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Upstream:
+    """Where Ollama listens, normalised from any form ``OLLAMA_HOST`` accepts."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str = ""
+
+    @classmethod
+    def parse(cls, value: str) -> Upstream:
+        """Parse ``host``, ``host:port`` or ``scheme://host[:port][/path]`` the way Ollama's clients do.
+
+        Without a scheme the port defaults to 11434; ``http://`` and ``https://`` default to 80 and 443,
+        as in Ollama's own ``envconfig.Host``.
+        """
+        text = value.strip()
+        if not text:
+            raise SettingsError("the upstream address is empty")
+        scheme, sep, _ = text.partition("://")
+        default_port = 11434
+        if not sep:
+            scheme, text = "http", f"http://{text}"
+        elif scheme in ("http", "https"):
+            default_port = 80 if scheme == "http" else 443
+        else:
+            raise SettingsError(f"upstream {value!r}: only http:// and https:// are supported")
+        parts = urlsplit(text)
+        host = parts.hostname or "127.0.0.1"
+        try:
+            port = parts.port or default_port
+        except ValueError as exc:
+            raise SettingsError(f"upstream {value!r}: {exc}") from None
+        # 0.0.0.0 is where Ollama listens, not an address to connect to.
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+        return cls(scheme=scheme, host=host, port=port, path=parts.path.rstrip("/"))
+
+    @property
+    def netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.netloc}{self.path}"
+
+    @property
+    def host_header(self) -> bytes:
+        """The ``Host`` header Ollama accepts: its own address (it answers 403 to unknown hosts)."""
+        return self.netloc.encode("latin-1")
+
+
+def _seconds(name: str, raw: str | None) -> float | None:
+    if raw is None or raw.strip().lower() in ("", "none", "off", "0"):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number of seconds") from None
+    if value < 0:
+        raise SettingsError(f"{name}={raw!r} must not be negative")
+    return value
+
+
+def _port(name: str, raw: str) -> int:
+    try:
+        port = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise SettingsError(f"{name}={raw!r} is not a port number")
+    return port
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The proxy's configuration. Build it with :meth:`from_env`; tests construct it directly."""
+
+    host: str = "127.0.0.1"
+    port: int = 11435
+    upstream: Upstream = dataclasses.field(default_factory=lambda: Upstream.parse(DEFAULT_UPSTREAM))
+    #: Seconds to wait for a TCP connection to Ollama before answering 502.
+    connect_timeout: float | None = 10.0
+    #: Longest silence from Ollama before answering 504. None: wait forever, as model loads and pulls
+    #: legitimately take minutes before the first byte.
+    read_timeout: float | None = None
+    #: Seconds between upstream health probes reported by ``/otellama/health``.
+    probe_interval: float = 15.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read ``OTELLAMA_*`` variables, then apply ``overrides`` (from flags) that are not None."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        if "OTELLAMA_HOST" in env:
+            values["host"] = env["OTELLAMA_HOST"]
+        if "OTELLAMA_PORT" in env:
+            values["port"] = _port("OTELLAMA_PORT", env["OTELLAMA_PORT"])
+        if "OTELLAMA_UPSTREAM" in env:
+            values["upstream"] = Upstream.parse(env["OTELLAMA_UPSTREAM"])
+        if "OTELLAMA_CONNECT_TIMEOUT" in env:
+            values["connect_timeout"] = _seconds("OTELLAMA_CONNECT_TIMEOUT", env["OTELLAMA_CONNECT_TIMEOUT"])
+        if "OTELLAMA_READ_TIMEOUT" in env:
+            values["read_timeout"] = _seconds("OTELLAMA_READ_TIMEOUT", env["OTELLAMA_READ_TIMEOUT"])
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            values[key] = Upstream.parse(value) if key == "upstream" and isinstance(value, str) else value
+        return cls(**values)
