@@ -37,10 +37,11 @@ def serve() -> Iterator[Callable[..., str]]:
 
 
 @pytest.fixture
-def proxy_to(serve: Callable[..., str]) -> Callable[..., str]:
-    """Start otellama in front of ``upstream_url``; returns otellama's base URL."""
+def proxy_to(serve: Callable[..., str], tmp_path: Path) -> Callable[..., str]:
+    """Start otellama in front of ``upstream_url``; returns otellama's base URL. Logs go to ``tmp_path``."""
 
     def start(upstream_url: str, **settings: Any) -> str:
+        settings.setdefault("log_file", tmp_path / "otellama.jsonl")
         app = create_app(Settings(upstream=Upstream.parse(upstream_url), **settings))
         return serve(app)
 

@@ -39,7 +39,7 @@ def replaying() -> Iterator[tuple[ScriptedUpstream, str]]:
     upstream = ScriptedUpstream(_replay)
     with (
         BackgroundServer(upstream) as ollama,
-        BackgroundServer(create_app(Settings(upstream=Upstream.parse(ollama.url)))) as proxy,
+        BackgroundServer(create_app(Settings(upstream=Upstream.parse(ollama.url), log_file=None))) as proxy,
     ):
         yield upstream, proxy.url
 

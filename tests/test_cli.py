@@ -58,7 +58,7 @@ def otellama_process() -> Iterator[Callable[..., tuple[subprocess.Popen[str], st
         port = _free_port()
         process = subprocess.Popen(
             [*OTELLAMA, "serve", "--port", str(port), *args],
-            env={**os.environ, **(env or {})},
+            env={**os.environ, "OTELLAMA_LOG_FILE": "off", **(env or {})},
             stderr=subprocess.PIPE,
             text=True,
         )

@@ -49,7 +49,7 @@ def urls() -> Iterator[tuple[str, str]]:
     emulator = create_emulator(EmulatorSettings(token_rate=0, load_seconds=0.01))
     with (
         BackgroundServer(emulator) as upstream,
-        BackgroundServer(create_app(Settings(upstream=Upstream.parse(upstream.url)))) as proxy,
+        BackgroundServer(create_app(Settings(upstream=Upstream.parse(upstream.url), log_file=None))) as proxy,
     ):
         yield upstream.url, proxy.url
 

@@ -260,11 +260,25 @@ def test_recorder_gets_one_exchange_after_the_last_byte(serve: Callable[..., str
     from otellama.app import create_app
     from otellama.settings import Settings, Upstream
 
-    recorded: list[Exchange] = []
+    calls: list[tuple[str, Exchange]] = []
+    chunks: list[bytes] = []
+
+    class Recorder:
+        def begin(self, exchange: Exchange) -> None:
+            calls.append(("begin", exchange))
+
+        def observe(self, exchange: Exchange) -> Callable[[bytes, float], None]:
+            calls.append(("observe", exchange))
+            return lambda chunk, now: chunks.append(chunk)
+
+        def finish(self, exchange: Exchange) -> None:
+            calls.append(("finish", exchange))
+
     upstream = serve(ScriptedUpstream())
-    url = serve(create_app(Settings(upstream=Upstream.parse(upstream)), recorder=recorded.append))
+    url = serve(create_app(Settings(upstream=Upstream.parse(upstream)), recorder=Recorder()))
     httpx.post(f"{url}/api/generate?x=1", content=b'{"model":"m"}')
-    [exchange] = recorded
+    assert [name for name, _ in calls] == ["begin", "observe", "finish"]
+    exchange = calls[-1][1]
     assert (exchange.method, exchange.path, exchange.query, exchange.status) == (
         "POST",
         "/api/generate",
@@ -273,8 +287,29 @@ def test_recorder_gets_one_exchange_after_the_last_byte(serve: Callable[..., str
     )
     assert exchange.request_body == b'{"model":"m"}'
     assert exchange.outcome == "ok"
+    assert b"".join(chunks) == b'{"model":"m"}'
     assert exchange.response_size == len(b'{"model":"m"}')
     assert exchange.t_start <= exchange.t_headers <= exchange.t_end  # type: ignore[operator]
+
+
+def test_a_failing_recorder_never_touches_the_response(serve: Callable[..., str]) -> None:
+    from otellama.app import create_app
+    from otellama.settings import Settings, Upstream
+
+    class Broken:
+        def begin(self, exchange: Exchange) -> None:
+            raise RuntimeError("telemetry bug")
+
+        def observe(self, exchange: Exchange) -> None:
+            raise RuntimeError("telemetry bug")
+
+        def finish(self, exchange: Exchange) -> None:
+            raise RuntimeError("telemetry bug")
+
+    upstream = serve(ScriptedUpstream())
+    url = serve(create_app(Settings(upstream=Upstream.parse(upstream)), recorder=Broken()))
+    response = httpx.post(f"{url}/api/generate", content=b'{"model":"m"}')
+    assert (response.status_code, response.content) == (200, b'{"model":"m"}')
 
 
 def _open_stream(url: str, path: str, body: bytes) -> socket.socket:

@@ -7,9 +7,13 @@ import contextlib
 import datetime as dt
 import http.cookiejar
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.trace import TracerProvider
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -17,8 +21,9 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from otellama import __version__
-from otellama.proxy import ChunkObserver, Proxy, Recorder
+from otellama.proxy import Proxy, Recorder
 from otellama.settings import Settings
+from otellama.telemetry import Telemetry
 from otellama.transport import AiohttpTransport
 
 log = logging.getLogger("otellama")
@@ -29,8 +34,8 @@ ADMIN_PREFIX = "/otellama/"
 class UpstreamProbe:
     """Asks Ollama for its version every few seconds so ``/otellama/health`` can say whether it answers."""
 
-    def __init__(self, client: httpx.AsyncClient, url: str, interval: float) -> None:
-        self.client = client
+    def __init__(self, url: str, interval: float) -> None:
+        self.client = httpx.AsyncClient(transport=AiohttpTransport(), trust_env=False)
         self.url = url
         self.interval = interval
         self.ok: bool | None = None  # None until the first probe finished
@@ -55,6 +60,9 @@ class UpstreamProbe:
             await self.probe()
             await asyncio.sleep(self.interval)
 
+    async def close(self) -> None:
+        await self.client.aclose()
+
 
 class App:
     """otellama's ASGI application. Everything it talks to can be injected, so tests need no patching."""
@@ -65,7 +73,8 @@ class App:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         recorder: Recorder | None = None,
-        chunk_observer: ChunkObserver | None = None,
+        tracer_provider: TracerProvider | None = None,
+        metric_readers: Sequence[MetricReader] = (),
     ) -> None:
         self.settings = settings
         self.client = httpx.AsyncClient(
@@ -78,9 +87,25 @@ class App:
             follow_redirects=False,
             trust_env=False,
         )
-        self.proxy = Proxy(settings.upstream, self.client, recorder=recorder, chunk_observer=chunk_observer)
-        self.probe = UpstreamProbe(self.client, settings.upstream.url, settings.probe_interval)
-        self.admin = Starlette(routes=[Route("/otellama/health", self.health, methods=["GET", "HEAD"])])
+        self.telemetry: Telemetry | None = None
+        if recorder is None:
+            recorder = self.telemetry = Telemetry(
+                settings, tracer_provider=tracer_provider, metric_readers=metric_readers
+            )
+            if self.telemetry.tracing:
+                # Traces the upstream call and sends its traceparent to Ollama.
+                HTTPXClientInstrumentor.instrument_client(
+                    self.client, tracer_provider=self.telemetry.tracer_provider
+                )
+        self.proxy = Proxy(settings.upstream, self.client, recorder=recorder)
+        # Probes get a client of their own so they stay out of the traces.
+        self.probe = UpstreamProbe(settings.upstream.url, settings.probe_interval)
+        self.admin = Starlette(
+            routes=[
+                Route("/otellama/health", self.health, methods=["GET", "HEAD"]),
+                Route("/otellama/metrics", self.metrics, methods=["GET"]),
+            ]
+        )
         self._background: list[asyncio.Task[Any]] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -109,6 +134,14 @@ class App:
             }
         )
 
+    async def metrics(self, request: Request) -> Response:
+        """``GET /otellama/metrics``: every instrument in Prometheus text format."""
+        if self.telemetry is None:
+            return Response(status_code=404)  # a custom recorder replaced telemetry
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(self.telemetry.prometheus(), media_type=CONTENT_TYPE_LATEST)
+
     async def startup(self) -> None:
         self._background.append(asyncio.get_running_loop().create_task(self.probe.run()))
 
@@ -119,6 +152,10 @@ class App:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.client.aclose()
+        await self.probe.close()
+        if self.telemetry is not None:
+            # Flushing exporters blocks on the network; keep the loop free while it does.
+            await asyncio.to_thread(self.telemetry.shutdown)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -142,12 +179,18 @@ def create_app(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     recorder: Recorder | None = None,
-    chunk_observer: ChunkObserver | None = None,
+    tracer_provider: TracerProvider | None = None,
+    metric_readers: Sequence[MetricReader] = (),
 ) -> App:
-    """Build otellama's ASGI app from ``settings`` (default: the environment)."""
+    """Build otellama's ASGI app from ``settings`` (default: the environment).
+
+    Telemetry comes from the standard ``OTEL_*`` environment; tests add a tracer provider or metric readers
+    of their own. A ``recorder`` replaces telemetry altogether.
+    """
     return App(
         settings or Settings.from_env(),
         transport=transport,
         recorder=recorder,
-        chunk_observer=chunk_observer,
+        tracer_provider=tracer_provider,
+        metric_readers=metric_readers,
     )

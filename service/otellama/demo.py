@@ -6,14 +6,16 @@ Needs the official ``ollama`` client (``pip install 'otellama[demo]'``; ``make d
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from otellama.app import create_app
 from otellama.emulator import EmulatorSettings, create_emulator
-from otellama.proxy import Exchange
 from otellama.server import BackgroundServer
 from otellama.settings import Settings, Upstream
 
@@ -86,23 +88,28 @@ def run(load_seconds: float = 1.5) -> int:
         print("otellama demo needs the official ollama client: pip install 'otellama[demo]'", file=sys.stderr)
         return 1
 
-    exchanges: list[Exchange] = []
+    log_file = Path(tempfile.mkdtemp(prefix="otellama-demo-")) / "otellama.jsonl"
     emulator = create_emulator(EmulatorSettings(load_seconds=load_seconds, token_rate=200.0))
     with BackgroundServer(emulator) as upstream:
-        app = create_app(Settings(upstream=Upstream.parse(upstream.url)), recorder=exchanges.append)
-        with BackgroundServer(app) as proxy:
+        settings = Settings(upstream=Upstream.parse(upstream.url), log_file=log_file)
+        with BackgroundServer(create_app(settings)) as proxy:
             print(f"Ollama emulator on {upstream.url}; otellama on {proxy.url} in front of it\n")
-            client = ollama.Client(host=proxy.url)
-            for step in _script(client):
-                started = time.perf_counter()
-                step.outcome = str(step.call())
-                print(f"  {step.label:<34} {time.perf_counter() - started:6.2f} s  {step.outcome}")
-    print("\nWhat otellama saw:")
-    print(f"  {'method':<7}{'path':<18}{'status':>6}{'seconds':>9}{'chunks':>8}{'bytes':>9}  outcome")
-    for ex in exchanges:
+            with ollama.Client(host=proxy.url) as client:
+                for step in _script(client):
+                    started = time.perf_counter()
+                    step.outcome = str(step.call())
+                    print(f"  {step.label:<34} {time.perf_counter() - started:6.2f} s  {step.outcome}")
+    print(f"\nWhat otellama recorded ({log_file}):")
+    print(
+        f"  {'endpoint':<15}{'model':<18}{'status':>6}{'outcome':>9}{'total ms':>10}{'ttft ms':>9}"
+        f"{'load ms':>9}{'cold':>6}{'tok/s':>8}"
+    )
+    for line in log_file.read_text().splitlines():
+        r = json.loads(line)
         print(
-            f"  {ex.method:<7}{ex.path:<18}{ex.status or 0:>6}{ex.t_end - ex.t_start:>9.3f}"
-            f"{ex.chunks:>8}{ex.response_size:>9}  {ex.outcome}"
+            f"  {r['endpoint']:<15}{r['model'] or '-':<18}{r['status']:>6}{r['outcome']:>9}"
+            f"{_cell(r['duration_ms'])}{_cell(r['ttft_ms'], 9)}{_cell(r['load_time_ms'], 9)}"
+            f"{'yes' if r['cold_start'] else '':>6}{_cell(r['tokens_per_second'], 8)}"
         )
     print(
         "\nPoint a real Ollama client at otellama:\n"
@@ -110,3 +117,7 @@ def run(load_seconds: float = 1.5) -> int:
         "  OLLAMA_HOST=127.0.0.1:11435 ollama run llama3.2"
     )
     return 0
+
+
+def _cell(value: float | None, width: int = 10) -> str:
+    return f"{value:>{width}.1f}" if value is not None else f"{'-':>{width}}"

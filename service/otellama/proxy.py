@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import orjson
@@ -42,6 +42,7 @@ _HOP_BY_HOP = frozenset(
 BODY_CAPTURE_LIMIT = 1 << 20
 
 OK, ERROR, CANCELLED = "ok", "error", "cancelled"
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass(slots=True)
@@ -69,6 +70,7 @@ class Exchange:
     outcome: str = OK  # ok | error | cancelled, from the proxy's point of view (HTTP status aside)
     error: str | None = None  # what went wrong in transport, in words
     error_type: str | None = None  # a short, low-cardinality class name for it
+    tap: Any = None  # the recorder's own per-exchange state
 
     def response_header(self, name: bytes) -> bytes | None:
         for key, value in self.response_headers:
@@ -77,11 +79,21 @@ class Exchange:
         return None
 
 
-Recorder = Callable[[Exchange], None]
-"""Called once per exchange after the client got its last byte. Must not raise; errors are logged."""
+class Recorder(Protocol):
+    """Where telemetry hooks into the proxy: three calls per exchange, none of which may raise.
 
-ChunkObserver = Callable[[Exchange], "Callable[[bytes, float], None] | None"]
-"""Given an exchange whose response headers arrived, returns a per-chunk callback (or None)."""
+    Only :meth:`begin` runs before the response; it must stay cheap (it sets up the trace context that
+    carries ``traceparent`` to Ollama). Everything else happens in :meth:`finish`, after the last byte.
+    """
+
+    def begin(self, exchange: Exchange) -> None:
+        """The request arrived; nothing has been sent upstream yet."""
+
+    def observe(self, exchange: Exchange) -> Callable[[bytes, float], None] | None:
+        """Response headers arrived; return a callback for each body chunk after it went to the client."""
+
+    def finish(self, exchange: Exchange) -> None:
+        """The client has its last byte (or left); record the exchange."""
 
 
 class _ClientGone(Exception):
@@ -136,12 +148,10 @@ class Proxy:
         client: httpx.AsyncClient,
         *,
         recorder: Recorder | None = None,
-        chunk_observer: ChunkObserver | None = None,
     ) -> None:
         self.upstream = upstream
         self.client = client
         self.recorder = recorder
-        self.chunk_observer = chunk_observer
         self._base = upstream.url.encode("latin-1")
         self._host = upstream.host_header
 
@@ -174,6 +184,9 @@ class Proxy:
             exchange.request_body = body
             state.watch(receive, task)
 
+        recorder = self.recorder
+        if recorder is not None:
+            _guarded(recorder.begin, exchange)
         raw_url = (
             self._base
             + scope.get("raw_path", path.encode())
@@ -204,17 +217,14 @@ class Proxy:
             if response is not None:
                 await _close(response, state)
             exchange.t_end = time.perf_counter()
-        if self.recorder is not None:
-            try:
-                self.recorder(exchange)
-            except Exception:  # telemetry never touches the response; it already went out
-                log.exception("recording an exchange failed")
+        if recorder is not None:
+            _guarded(recorder.finish, exchange)
 
     async def _relay(self, response: httpx.Response, exchange: Exchange, send: Send, state: _State) -> None:
         headers = [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP_BY_HOP]
         exchange.status = response.status_code
         exchange.response_headers = headers
-        observe = self.chunk_observer(exchange) if self.chunk_observer is not None else None
+        observe = _guarded(self.recorder.observe, exchange) if self.recorder is not None else None
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         state.response_started = True
         size = chunks = 0
@@ -227,7 +237,7 @@ class Proxy:
                 size += len(chunk)
                 chunks += 1
                 if observe is not None:
-                    observe(chunk, now)
+                    observe(chunk, now)  # must not raise: StreamObserver.feed never does
         finally:
             exchange.response_size, exchange.chunks = size, chunks
         state.finished = True
@@ -288,6 +298,14 @@ class Proxy:
         exchange.request_size = size
         exchange.request_body = b"".join(kept) if kept is not None else None
         state.watch(receive, task)
+
+
+def _guarded(call: Callable[[Exchange], _T], exchange: Exchange) -> _T | None:
+    try:
+        return call(exchange)
+    except Exception:  # telemetry never touches the response
+        log.exception("telemetry failed for %s %s", exchange.method, exchange.path)
+        return None
 
 
 async def _close(response: httpx.Response, state: _State) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -84,6 +85,16 @@ def _seconds(name: str, raw: str | None) -> float | None:
     return value
 
 
+def _count(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a whole number") from None
+    if value < 0:
+        raise SettingsError(f"{name}={raw!r} must not be negative")
+    return value
+
+
 def _port(name: str, raw: str) -> int:
     try:
         port = int(raw)
@@ -108,6 +119,15 @@ class Settings:
     read_timeout: float | None = None
     #: Seconds between upstream health probes reported by ``/otellama/health``.
     probe_interval: float = 15.0
+    #: The JSONL log of exchanges; None when ``OTELLAMA_LOG_FILE=off``.
+    log_file: Path | None = Path("logs/otellama.jsonl")
+    #: Size at which the log rotates, and how many rotated files are kept.
+    log_max_bytes: int = 50_000_000
+    log_backups: int = 5
+    #: Request header whose value names the client in records and metrics.
+    client_header: str = "x-client-name"
+    #: A ``load_duration`` above this many seconds is a cold start (a loaded model still reports a few ms).
+    cold_start_seconds: float = 1.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -124,6 +144,18 @@ class Settings:
             values["connect_timeout"] = _seconds("OTELLAMA_CONNECT_TIMEOUT", env["OTELLAMA_CONNECT_TIMEOUT"])
         if "OTELLAMA_READ_TIMEOUT" in env:
             values["read_timeout"] = _seconds("OTELLAMA_READ_TIMEOUT", env["OTELLAMA_READ_TIMEOUT"])
+        if "OTELLAMA_LOG_FILE" in env:
+            raw = env["OTELLAMA_LOG_FILE"].strip()
+            values["log_file"] = None if raw.lower() in ("off", "none", "") else Path(raw)
+        if "OTELLAMA_LOG_MAX_BYTES" in env:
+            values["log_max_bytes"] = _count("OTELLAMA_LOG_MAX_BYTES", env["OTELLAMA_LOG_MAX_BYTES"])
+        if "OTELLAMA_LOG_BACKUPS" in env:
+            values["log_backups"] = _count("OTELLAMA_LOG_BACKUPS", env["OTELLAMA_LOG_BACKUPS"])
+        if "OTELLAMA_CLIENT_HEADER" in env:
+            values["client_header"] = env["OTELLAMA_CLIENT_HEADER"].strip().lower()
+        if "OTELLAMA_COLD_START_SECONDS" in env:
+            cold = _seconds("OTELLAMA_COLD_START_SECONDS", env["OTELLAMA_COLD_START_SECONDS"])
+            values["cold_start_seconds"] = cold or 0.0
         for key, value in overrides.items():
             if value is None:
                 continue

@@ -1,0 +1,224 @@
+"""What otellama knows about Ollama's HTTP protocol. No I/O here: only names, shapes and arithmetic.
+
+- :func:`endpoint_for` / :func:`operation_for`: which requests are GenAI operations (REFERENCE §2).
+- :func:`framing_for`: how a response body is framed, from its Content-Type (never from the request).
+- :class:`Timings`: the durations and counts of a final object, with the rule for the fields Ollama omits.
+- :func:`error_message`: the text of a native ``{"error": "..."}`` or a /v1 ``{"error": {"message": ...}}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from typing import Any, Final
+
+import orjson
+from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import GenAiOperationNameValues
+
+# The enum is marked deprecated in the installed semconv (the GenAI names are moving to their own package);
+# reading a member's value does not warn, and the values are the spec's.
+CHAT: Final[str] = GenAiOperationNameValues.CHAT.value
+TEXT_COMPLETION: Final[str] = GenAiOperationNameValues.TEXT_COMPLETION.value
+EMBEDDINGS: Final[str] = GenAiOperationNameValues.EMBEDDINGS.value
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A generation or embedding endpoint: the only requests whose body otellama parses for telemetry."""
+
+    path: str
+    #: ``gen_ai.operation.name``.
+    operation: str
+    #: Part of the OpenAI-compatible ``/v1`` API (token counts in ``usage``, no durations, SSE streams).
+    openai: bool
+    #: Whether the response streams when the request body has no ``stream`` field.
+    streams_by_default: bool
+
+
+ENDPOINTS: Final[tuple[Endpoint, ...]] = (
+    Endpoint("/api/chat", CHAT, openai=False, streams_by_default=True),
+    Endpoint("/api/generate", TEXT_COMPLETION, openai=False, streams_by_default=True),
+    Endpoint("/api/embed", EMBEDDINGS, openai=False, streams_by_default=False),
+    Endpoint("/api/embeddings", EMBEDDINGS, openai=False, streams_by_default=False),
+    Endpoint("/v1/chat/completions", CHAT, openai=True, streams_by_default=False),
+    Endpoint("/v1/completions", TEXT_COMPLETION, openai=True, streams_by_default=False),
+    Endpoint("/v1/embeddings", EMBEDDINGS, openai=True, streams_by_default=False),
+)
+_BY_PATH: Final[Mapping[str, Endpoint]] = {endpoint.path: endpoint for endpoint in ENDPOINTS}
+
+
+def endpoint_for(method: str, path: str) -> Endpoint | None:
+    """The :class:`Endpoint` a request targets, or None for everything else (pass it through untouched).
+
+    ``path`` is the URL path without the query string. Ollama routes exactly (a trailing slash gets a
+    redirect, another method a 404/405), so only an exact ``POST`` match is an operation; unknown and future
+    paths, including ``/v1/responses`` and ``/v1/messages``, are None.
+    """
+    return _BY_PATH.get(path) if method == "POST" else None
+
+
+def operation_for(method: str, path: str) -> str | None:
+    """``gen_ai.operation.name`` for a request: ``chat``, ``text_completion``, ``embeddings``, or None."""
+    endpoint = endpoint_for(method, path)
+    return endpoint.operation if endpoint is not None else None
+
+
+class Framing(enum.StrEnum):
+    """How a response body is framed, decided by its Content-Type alone."""
+
+    #: ``application/x-ndjson``: a native stream, one JSON object per line.
+    NDJSON = "ndjson"
+    #: ``text/event-stream``: a /v1 stream of ``data: {...}`` events ending with ``data: [DONE]``.
+    SSE = "sse"
+    #: ``application/json``: one JSON document (native and /v1 non-streamed bodies, errors).
+    JSON = "json"
+    #: Anything else (``text/plain`` health checks, empty bodies, blobs): counted, never parsed.
+    OTHER = "other"
+
+
+_FRAMINGS: Final[Mapping[str, Framing]] = {
+    "application/x-ndjson": Framing.NDJSON,
+    "application/ndjson": Framing.NDJSON,
+    "text/event-stream": Framing.SSE,
+    "application/json": Framing.JSON,
+}
+
+
+def framing_for(content_type: str | None) -> Framing:
+    """The framing of a response with this Content-Type header value (parameters and case ignored)."""
+    if not content_type:
+        return Framing.OTHER
+    media_type = content_type.partition(";")[0].strip().lower()
+    return _FRAMINGS.get(media_type, Framing.OTHER)
+
+
+_GENERATION_FIELDS: Final = (
+    "total_duration",
+    "load_duration",
+    "prompt_eval_count",
+    "prompt_eval_duration",
+    "eval_count",
+    "eval_duration",
+)
+# /api/embed's response type defines only these; its other timings do not exist, they are not zero.
+_EMBED_FIELDS: Final = ("total_duration", "load_duration", "prompt_eval_count")
+
+
+def nonnegative_int(value: object) -> int | None:
+    """``value`` if it is a JSON count or duration (a non-negative integer), else None."""
+    # bool is an int in Python; a true/false where a count belongs is garbage, not 1/0.
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def _rate(count: int | None, duration_ns: int | None) -> float | None:
+    if count is None or not duration_ns:
+        return None
+    return count / duration_ns * 1e9
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Timings:
+    """Ollama's own measurements from a final object (``done: true``) or a non-streamed body.
+
+    Durations are nanoseconds. None always means *unknown*, never zero.
+
+    Ollama omits every zero-valued field, but cloud-backed models and older servers also omit fields they
+    never measured (capture 05 has counts but no ``load_duration``, ``prompt_eval_duration`` or
+    ``eval_duration``; a 0.3-era ``/api/embed`` has no timings at all). The object itself tells which case
+    applies, because a local server always sends ``load_duration``: it is measured from the request's
+    arrival and is never 0 ns, even for a loaded model. So:
+
+    - With ``load_duration`` present, every field the response type defines and the object omits is 0 (a
+      warm model's fully cached prompt omits ``prompt_eval_duration``). A generation result (it has
+      ``done``) defines all six; an ``/api/embed`` result (it has ``embeddings``) defines
+      ``total_duration``, ``load_duration`` and ``prompt_eval_count`` only.
+    - Without it (cloud models, old servers, load/unload answers, /v1 bodies), a missing field is None.
+    - ``prompt_eval_cached_count`` is sent whenever known, zero included, so missing is always None.
+    - A value that is not a non-negative integer is None.
+    """
+
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_count: int | None = None
+    eval_duration: int | None = None
+    prompt_eval_cached_count: int | None = None
+    #: ``stop``, ``length``, ``load``, ``unload``; None when absent (e.g. the client went away).
+    done_reason: str | None = None
+    #: The model named in the response.
+    model: str | None = None
+
+    @classmethod
+    def from_final(cls, obj: Mapping[str, Any]) -> Timings:
+        """Read the timings of a final object or body by the rule in the class docstring."""
+        defined: tuple[str, ...] = ()
+        if nonnegative_int(obj.get("load_duration")) is not None:
+            if "done" in obj:
+                defined = _GENERATION_FIELDS
+            elif "embeddings" in obj:
+                defined = _EMBED_FIELDS
+        values = {}
+        for name in _GENERATION_FIELDS:
+            value = nonnegative_int(obj.get(name))
+            if value is None and name in defined and name not in obj:
+                value = 0
+            values[name] = value
+        done_reason = obj.get("done_reason")
+        model = obj.get("model")
+        return cls(
+            **values,
+            prompt_eval_cached_count=nonnegative_int(obj.get("prompt_eval_cached_count")),
+            done_reason=done_reason if isinstance(done_reason, str) else None,
+            model=model if isinstance(model, str) else None,
+        )
+
+    @property
+    def queue_ns(self) -> int | None:
+        """Time spent waiting for a free slot, which Ollama counts only in ``total_duration``.
+
+        ``total - load - prompt_eval - eval`` durations, at least 0; None if any of them is unknown.
+        """
+        total, load = self.total_duration, self.load_duration
+        prompt_eval, generation = self.prompt_eval_duration, self.eval_duration
+        if total is None or load is None or prompt_eval is None or generation is None:
+            return None
+        return max(0, total - load - prompt_eval - generation)
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Generation speed, ``eval_count / eval_duration`` per second.
+
+        None when either is unknown or the duration is 0.
+        """
+        return _rate(self.eval_count, self.eval_duration)
+
+    @property
+    def prompt_tokens_per_second(self) -> float | None:
+        """Prompt processing speed, ``prompt_eval_count / prompt_eval_duration`` per second.
+
+        None when either is unknown or the duration is 0.
+        """
+        return _rate(self.prompt_eval_count, self.prompt_eval_duration)
+
+
+def error_message(obj: object) -> str | None:
+    """The message of an error object (a parsed JSON value), or None if ``obj`` is not one.
+
+    Native errors are ``{"error": "..."}`` (a whole body, or one more NDJSON line mid-stream); /v1 errors are
+    ``{"error": {"message", "type", "param", "code"}}``. Only the structure is examined: wording varies by
+    Ollama version, so it classifies nothing. A /v1 error object without a string message is rendered as
+    JSON text; an empty message stays empty (test for None, not for falsiness).
+    """
+    if not isinstance(obj, dict):
+        return None
+    error = obj.get("error")
+    if isinstance(error, str):
+        return error
+    if isinstance(error, dict):
+        message = error.get("message")
+        return message if isinstance(message, str) else orjson.dumps(error).decode()
+    return None

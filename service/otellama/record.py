@@ -1,0 +1,481 @@
+"""The one record of an exchange: built once, after the last byte, and rendered three ways.
+
+The request (parsed here, after the response went out), what the proxy saw, and what the observed body said
+(Ollama's final object) become one :class:`Record`. Spans, metrics and the JSONL line are renderings of it
+(``telemetry.py``, ``jsonlog.py``); none of them derives a number of its own. The JSONL line is
+:meth:`Record.to_json`, and :meth:`Record.from_json` reads it back, so a logged exchange can be rendered
+again later (replayed as traces) exactly as it was the first time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+import orjson
+
+from otellama import ollama
+from otellama.proxy import CANCELLED, ERROR, OK, Exchange
+from otellama.stream import Observation
+
+#: Longest client name kept; the header is the client's to fill.
+CLIENT_NAME_LIMIT: Final = 64
+#: Longest captured message content, per attribute, when content capture is on.
+CONTENT_LIMIT: Final = 64 * 1024
+
+_BLOB = re.compile(r"^/api/blobs/[^/]+$")
+_V1_MODEL = re.compile(r"^/v1/models/.+$")
+
+
+def endpoint_of(path: str) -> str:
+    """The path with its free-form part named, so that logs group by endpoint (blob digests vary)."""
+    if _BLOB.match(path):
+        return "/api/blobs/{digest}"
+    if _V1_MODEL.match(path):
+        return "/v1/models/{model}"
+    return path
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TraceIds:
+    """The ids an exchange's spans get, chosen when the request arrived so ``traceparent`` could be sent."""
+
+    trace_id: int
+    server_span_id: int
+    #: The GenAI span; None when the request is no GenAI operation (only the server span exists).
+    genai_span_id: int | None
+    #: The caller's span, from an incoming ``traceparent``; None for a new trace.
+    parent_span_id: int | None
+    sampled: bool
+    #: Ids of the phase spans (``load``, ``prompt_eval``, ``eval``, ``queue``), drawn when recording.
+    phase_span_ids: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What the request body said, for GenAI endpoints whose body was small and valid JSON."""
+
+    parsed: bool = False
+    model: str | None = None
+    stream: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] | None = None
+    #: With content capture only: the prompt as GenAI ``input.messages``.
+    input_messages: tuple[dict[str, Any], ...] | None = None
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _integer(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= CONTENT_LIMIT else text[:CONTENT_LIMIT] + "…"
+
+
+def _message(role: str, content: object) -> dict[str, Any]:
+    text = content if isinstance(content, str) else orjson.dumps(content).decode()
+    return {"role": role, "parts": [{"type": "text", "content": _clip(text)}]}
+
+
+def parse_request(
+    endpoint: ollama.Endpoint | None, body: bytes | None, *, capture: bool = False
+) -> RequestFacts:
+    """Read model, stream flag and sampling options from a GenAI request body; never raises.
+
+    Only generation and embedding endpoints are parsed, and only when the proxy kept the body (it keeps
+    bodies up to a cap). Anything else gives ``parsed=False``: the body was forwarded all the same.
+    """
+    if endpoint is None or body is None:
+        return RequestFacts()
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return RequestFacts()
+    if not isinstance(data, dict):
+        return RequestFacts()
+    options = data.get("options") if not endpoint.openai else data
+    options = options if isinstance(options, dict) else {}
+    stream = data.get("stream")
+    stop = options.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    max_tokens = options.get("max_tokens", options.get("max_completion_tokens"))
+    if not endpoint.openai:
+        max_tokens = options.get("num_predict")
+    messages: tuple[dict[str, Any], ...] | None = None
+    if capture:
+        found: list[dict[str, Any]] = []
+        if isinstance(data.get("system"), str):
+            found.append(_message("system", data["system"]))
+        found.extend(
+            _message(str(item.get("role", "user")), item.get("content", ""))
+            for item in data.get("messages") or ()
+            if isinstance(item, dict)
+        )
+        found.extend(_message("user", data[key]) for key in ("prompt", "input") if key in data)
+        messages = tuple(found)
+    model = data.get("model")
+    return RequestFacts(
+        parsed=True,
+        model=model if isinstance(model, str) else None,
+        stream=stream if isinstance(stream, bool) else endpoint.streams_by_default,
+        temperature=_number(options.get("temperature")),
+        top_p=_number(options.get("top_p")),
+        top_k=_integer(options.get("top_k")),
+        seed=_integer(options.get("seed")),
+        max_tokens=_integer(max_tokens),
+        stop=tuple(s for s in stop if isinstance(s, str)) if isinstance(stop, list) else None,
+        input_messages=messages,
+    )
+
+
+def _ms(ns: int | None) -> float | None:
+    return None if ns is None else round(ns / 1e6, 3)
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _hex(value: int | None, width: int) -> str | None:
+    return None if value is None else format(value, f"0{width}x")
+
+
+def _unhex(value: object) -> int | None:
+    return int(value, 16) if isinstance(value, str) and value else None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Record:
+    """One exchange, as every sink sees it. Field names are the JSONL schema (README, "The JSONL log").
+
+    Times: ``start_ns``/``end_ns`` and the other ``*_ns`` instants are Unix epoch nanoseconds; durations
+    ending in ``_ns`` are Ollama's own, ``_ms`` are milliseconds. None is unknown, never an invented 0.
+    """
+
+    start_ns: int
+    end_ns: int
+    method: str
+    endpoint: str
+    operation: str | None
+    model: str | None
+    stream: bool | None
+    status: int | None
+    outcome: str
+    error: str | None
+    error_type: str | None
+    done_reason: str | None
+    chunks: int
+    first_chunk_ns: int | None
+    first_content_ns: int | None
+    cold_start: bool | None
+    client: str | None
+    timings: ollama.Timings
+    input_tokens: int | None
+    output_tokens: int | None
+    finish_reasons: tuple[str, ...]
+    response_model: str | None
+    request: RequestFacts
+    server_address: str
+    server_port: int
+    ids: TraceIds
+    output_messages: tuple[dict[str, Any], ...] | None = None
+
+    # --- derived once, here, for every sink -------------------------------------------------------------
+    @property
+    def duration_s(self) -> float:
+        return (self.end_ns - self.start_ns) / 1e9
+
+    @property
+    def time_to_first_chunk_s(self) -> float | None:
+        return None if self.first_chunk_ns is None else (self.first_chunk_ns - self.start_ns) / 1e9
+
+    @property
+    def time_to_first_content_s(self) -> float | None:
+        """Streams only: a non-streamed body's first byte is its whole answer, not a first token."""
+        if self.first_content_ns is None or not self.stream:
+            return None
+        return (self.first_content_ns - self.start_ns) / 1e9
+
+    @property
+    def server_time_to_first_token_s(self) -> float | None:
+        """Ollama's time to its first token: queue, load and prompt evaluation, from its own numbers."""
+        t = self.timings
+        queue = t.queue_ns
+        if queue is None or t.load_duration is None or t.prompt_eval_duration is None:
+            return None
+        return (queue + t.load_duration + t.prompt_eval_duration) / 1e9
+
+    @property
+    def time_per_output_token_s(self) -> float | None:
+        t = self.timings
+        if not t.eval_count or t.eval_duration is None:
+            return None
+        return t.eval_duration / t.eval_count / 1e9
+
+    def phases(self) -> list[tuple[str, int, int]]:
+        """Ollama's phases as (name, start_ns, end_ns), back-dated from the final object.
+
+        Ollama reports durations, not instants. Its work ends when it writes the final object, which is the
+        last chunk, so the phases are laid end to end to finish at ``end_ns`` in the order they happen:
+        waiting for a slot, loading, prompt evaluation, generation. They never overlap and are clipped to
+        the exchange, so they nest inside the GenAI span whatever the clocks say.
+        """
+        t = self.timings
+        durations = [
+            ("queue", t.queue_ns or 0),
+            ("load", t.load_duration or 0),
+            ("prompt_eval", t.prompt_eval_duration or 0),
+            ("eval", t.eval_duration or 0),
+        ]
+        cursor = max(self.start_ns, self.end_ns - sum(d for _, d in durations))
+        spans = []
+        for name, duration in durations:
+            if duration <= 0:
+                continue
+            end = min(cursor + duration, self.end_ns)
+            if end > cursor:
+                spans.append((name, cursor, end))
+            cursor = end
+        return spans
+
+    # --- the JSONL line -------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        """The JSONL line: the schema's fields, then what rebuilding the spans needs (``trace``)."""
+        t, r, ids = self.timings, self.request, self.ids
+        ttft = self.time_to_first_content_s
+        line: dict[str, Any] = {
+            "timestamp": dt.datetime.fromtimestamp(self.start_ns / 1e9, dt.UTC).isoformat(
+                timespec="microseconds"
+            ),
+            "trace_id": _hex(ids.trace_id, 32),
+            "span_id": _hex(ids.genai_span_id or ids.server_span_id, 16),
+            "method": self.method,
+            "endpoint": self.endpoint,
+            "operation": self.operation,
+            "model": self.model,
+            "stream": self.stream,
+            "status": self.status,
+            "outcome": self.outcome,
+            "error": self.error,
+            "error_type": self.error_type,
+            "done_reason": self.done_reason,
+            "duration_ms": round(self.duration_s * 1e3, 3),
+            "ttft_ms": None if ttft is None else round(ttft * 1e3, 3),
+            "chunks": self.chunks,
+            "queue_time_ms": _ms(t.queue_ns),
+            "cold_start": self.cold_start,
+            "client": self.client,
+            "load_duration_ns": t.load_duration,
+            "prompt_eval_count": t.prompt_eval_count,
+            "prompt_eval_duration_ns": t.prompt_eval_duration,
+            "eval_count": t.eval_count,
+            "eval_duration_ns": t.eval_duration,
+            "total_duration_ns": t.total_duration,
+            "tokens_per_second": _round(t.tokens_per_second, 2),
+            "prompt_tokens_per_second": _round(t.prompt_tokens_per_second, 2),
+            "load_time_ms": _ms(t.load_duration),
+            "prompt_eval_time_ms": _ms(t.prompt_eval_duration),
+            "generation_time_ms": _ms(t.eval_duration),
+            # Added by otellama (the schema only grows):
+            "ttfc_ms": None
+            if self.time_to_first_chunk_s is None
+            else round(self.time_to_first_chunk_s * 1e3, 3),
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "finish_reasons": list(self.finish_reasons),
+            "response_model": self.response_model,
+            "prompt_eval_cached_count": t.prompt_eval_cached_count,
+            "request": {
+                "parsed": r.parsed,
+                "temperature": r.temperature,
+                "top_p": r.top_p,
+                "top_k": r.top_k,
+                "seed": r.seed,
+                "max_tokens": r.max_tokens,
+                "stop": list(r.stop) if r.stop is not None else None,
+            },
+            "server": {"address": self.server_address, "port": self.server_port},
+            "trace": {
+                "start_ns": self.start_ns,
+                "end_ns": self.end_ns,
+                "first_chunk_ns": self.first_chunk_ns,
+                "first_content_ns": self.first_content_ns,
+                "server_span_id": _hex(ids.server_span_id, 16),
+                "genai_span_id": _hex(ids.genai_span_id, 16),
+                "parent_span_id": _hex(ids.parent_span_id, 16),
+                "sampled": ids.sampled,
+                "phase_span_ids": {name: _hex(value, 16) for name, value in ids.phase_span_ids.items()},
+            },
+        }
+        if r.input_messages is not None:
+            line["input_messages"] = list(r.input_messages)
+        if self.output_messages is not None:
+            line["output_messages"] = list(self.output_messages)
+        return line
+
+    @classmethod
+    def from_json(cls, line: Mapping[str, Any]) -> Record:
+        """Read a JSONL line back. Raises KeyError/TypeError/ValueError on a line that is not one of ours."""
+        trace, request, server = line["trace"], line["request"], line["server"]
+        phase_ids = {name: _unhex(value) for name, value in (trace.get("phase_span_ids") or {}).items()}
+        stop = request.get("stop")
+        return cls(
+            start_ns=int(trace["start_ns"]),
+            end_ns=int(trace["end_ns"]),
+            method=line["method"],
+            endpoint=line["endpoint"],
+            operation=line["operation"],
+            model=line["model"],
+            stream=line["stream"],
+            status=line["status"],
+            outcome=line["outcome"],
+            error=line["error"],
+            error_type=line["error_type"],
+            done_reason=line["done_reason"],
+            chunks=line["chunks"],
+            first_chunk_ns=trace["first_chunk_ns"],
+            first_content_ns=trace["first_content_ns"],
+            cold_start=line["cold_start"],
+            client=line["client"],
+            timings=ollama.Timings(
+                total_duration=line["total_duration_ns"],
+                load_duration=line["load_duration_ns"],
+                prompt_eval_count=line["prompt_eval_count"],
+                prompt_eval_duration=line["prompt_eval_duration_ns"],
+                eval_count=line["eval_count"],
+                eval_duration=line["eval_duration_ns"],
+                prompt_eval_cached_count=line.get("prompt_eval_cached_count"),
+                done_reason=line["done_reason"],
+                model=line["response_model"],
+            ),
+            input_tokens=line["input_tokens"],
+            output_tokens=line["output_tokens"],
+            finish_reasons=tuple(line["finish_reasons"]),
+            response_model=line["response_model"],
+            request=RequestFacts(
+                parsed=request["parsed"],
+                model=line["model"],
+                stream=line["stream"],
+                temperature=request["temperature"],
+                top_p=request["top_p"],
+                top_k=request["top_k"],
+                seed=request["seed"],
+                max_tokens=request["max_tokens"],
+                stop=tuple(stop) if stop is not None else None,
+                input_messages=tuple(line["input_messages"]) if "input_messages" in line else None,
+            ),
+            server_address=server["address"],
+            server_port=server["port"],
+            ids=TraceIds(
+                trace_id=int(line["trace_id"], 16),
+                server_span_id=int(trace["server_span_id"], 16),
+                genai_span_id=_unhex(trace["genai_span_id"]),
+                parent_span_id=_unhex(trace["parent_span_id"]),
+                sampled=bool(trace["sampled"]),
+                phase_span_ids={k: v for k, v in phase_ids.items() if v is not None},
+            ),
+            output_messages=tuple(line["output_messages"]) if "output_messages" in line else None,
+        )
+
+
+def _outcome(exchange: Exchange, observation: Observation | None) -> tuple[str, str | None, str | None]:
+    """(outcome, error message, error.type): transport facts first, then HTTP status, then the body."""
+    if exchange.outcome != OK:
+        return exchange.outcome, exchange.error, exchange.error_type
+    body_error = observation.error if observation is not None else None
+    status = exchange.status or 0
+    if status >= 400:
+        return ERROR, body_error or f"HTTP {status}", str(status)
+    if observation is None:
+        return OK, None, None
+    if body_error is not None:
+        return ERROR, body_error, "stream_error"  # Ollama's {"error"} line after a 200
+    streamed = observation.framing in (ollama.Framing.NDJSON, ollama.Framing.SSE)
+    if streamed and not observation.done and not observation.truncated:
+        return ERROR, "stream ended without a final object", "incomplete_stream"
+    return OK, None, None
+
+
+def _streamed(observation: Observation | None) -> bool | None:
+    if observation is None or observation.framing == ollama.Framing.OTHER:
+        return None
+    return observation.framing in (ollama.Framing.NDJSON, ollama.Framing.SSE)
+
+
+def build(
+    exchange: Exchange,
+    observation: Observation | None,
+    ids: TraceIds,
+    *,
+    server_address: str,
+    server_port: int,
+    client_header: bytes,
+    cold_start_seconds: float,
+    capture_content: bool,
+) -> Record:
+    """Make the record of a finished exchange. Pure: the same inputs give the same record."""
+    endpoint = ollama.endpoint_for(exchange.method, exchange.path)
+    request = parse_request(endpoint, exchange.request_body, capture=capture_content)
+    outcome, error, error_type = _outcome(exchange, observation)
+    if exchange.outcome == CANCELLED and observation is not None and observation.content_chunks:
+        error = f"client disconnected after {observation.content_chunks} content chunks"
+
+    def epoch(t: float | None) -> int | None:
+        return None if t is None else start_ns + round((t - exchange.t_start) * 1e9)
+
+    start_ns = round(exchange.started_at * 1e9)
+    timings = observation.timings if observation is not None and observation.timings else ollama.Timings()
+    client = next((v for k, v in exchange.request_headers if k == client_header), None)
+    output_messages = None
+    if capture_content and observation is not None and observation.output_text is not None:
+        message = _message("assistant", observation.output_text)
+        message["finish_reason"] = observation.finish_reasons[0] if observation.finish_reasons else None
+        output_messages = (message,)
+    input_tokens = observation.usage_input_tokens if observation is not None else None
+    output_tokens = observation.usage_output_tokens if observation is not None else None
+    if output_tokens is None and outcome == CANCELLED and observation is not None:
+        output_tokens = observation.content_chunks or None  # tokens seen before the client left (≈ chunks)
+    return Record(
+        start_ns=start_ns,
+        end_ns=epoch(exchange.t_end) or start_ns,
+        method=exchange.method,
+        endpoint=endpoint_of(exchange.path),
+        operation=endpoint.operation if endpoint is not None else None,
+        # The model asked for, else the one that answered (an unparsed body still has a response).
+        model=request.model or (observation.response_model if observation is not None else None),
+        stream=request.stream if request.parsed else _streamed(observation),
+        status=exchange.status,
+        outcome=outcome,
+        error=error,
+        error_type=error_type,
+        done_reason=timings.done_reason,
+        chunks=observation.chunks if observation is not None else exchange.chunks,
+        first_chunk_ns=epoch(exchange.t_first_byte),
+        first_content_ns=epoch(observation.first_content_at if observation is not None else None),
+        cold_start=(
+            None if timings.load_duration is None else timings.load_duration > cold_start_seconds * 1e9
+        ),
+        client=client.decode("latin-1")[:CLIENT_NAME_LIMIT] if client else None,
+        timings=timings,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        finish_reasons=observation.finish_reasons if observation is not None else (),
+        response_model=observation.response_model if observation is not None else None,
+        request=request,
+        server_address=server_address,
+        server_port=server_port,
+        ids=ids,
+        output_messages=output_messages,
+    )
