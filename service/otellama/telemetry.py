@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
+import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.metrics import Histogram, Meter
@@ -201,7 +202,7 @@ def genai_attributes(record: Record) -> dict[str, Any]:
 
 
 def encode_json(value: Sequence[Mapping[str, Any]]) -> str:
-    return encode(list(value)).decode().rstrip("\n")  # type: ignore[arg-type]
+    return orjson.dumps(list(value)).decode()
 
 
 # --- metrics --------------------------------------------------------------------------------------------
