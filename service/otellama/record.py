@@ -80,7 +80,7 @@ def _integer(value: object) -> int | None:
 
 
 def _clip(text: str) -> str:
-    return text if len(text) <= CONTENT_LIMIT else text[:CONTENT_LIMIT] + "…"
+    return text if len(text) <= CONTENT_LIMIT else text[: CONTENT_LIMIT - 1] + "…"
 
 
 def _message(role: str, content: object) -> dict[str, Any]:
@@ -110,7 +110,9 @@ def parse_request(
     stop = options.get("stop")
     if isinstance(stop, str):
         stop = [stop]
-    max_tokens = options.get("max_tokens", options.get("max_completion_tokens"))
+    max_tokens = options.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = options.get("max_completion_tokens")
     if not endpoint.openai:
         max_tokens = options.get("num_predict")
     messages: tuple[dict[str, Any], ...] | None = None
@@ -118,9 +120,10 @@ def parse_request(
         found: list[dict[str, Any]] = []
         if isinstance(data.get("system"), str):
             found.append(_message("system", data["system"]))
+        items = data.get("messages")
         found.extend(
             _message(str(item.get("role", "user")), item.get("content", ""))
-            for item in data.get("messages") or ()
+            for item in (items if isinstance(items, list) else ())
             if isinstance(item, dict)
         )
         found.extend(_message("user", data[key]) for key in ("prompt", "input") if key in data)

@@ -25,6 +25,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.metrics import Histogram, Meter
 from opentelemetry.propagate import extract
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, TraceBasedExemplarFilter
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from opentelemetry.sdk.metrics.export import (
     MetricExporter,
@@ -457,8 +458,12 @@ class Telemetry:
         if metrics_protocol is not None:
             metric_exporter = CountingMetricExporter(_metric_exporter(metrics_protocol), self._export_failed)
             readers.append(PeriodicExportingMetricReader(metric_exporter))
+        # Exemplars only travel over OTLP (the Prometheus reader drops them): don't pay for them otherwise.
+        wanted = metrics_protocol is not None or bool(metric_readers)
         self.meter_provider = meter_provider = SdkMeterProvider(
-            metric_readers=readers, resource=resource(env)
+            metric_readers=readers,
+            resource=resource(env),
+            exemplar_filter=TraceBasedExemplarFilter() if wanted else AlwaysOffExemplarFilter(),
         )
         self._own_providers.append(meter_provider)
         self.instruments = Instruments(meter_provider.get_meter("otellama", __version__))
