@@ -423,7 +423,9 @@ def _metric_exporter(protocol: str) -> MetricExporter:
 
 def resource(environ: Mapping[str, str]) -> Resource:
     """``service.name`` defaults to ``otellama``; ``OTEL_SERVICE_NAME``/``OTEL_RESOURCE_ATTRIBUTES`` win."""
-    named = "OTEL_SERVICE_NAME" in environ or "service.name=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    # An empty variable is unset (spec); keys are matched whole ("app.service.name" is another key).
+    keys = {item.split("=", 1)[0].strip() for item in environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")}
+    named = bool(environ.get("OTEL_SERVICE_NAME", "").strip()) or "service.name" in keys
     attributes: dict[str, str] = {"service.version": __version__}
     if not named:
         attributes["service.name"] = "otellama"
