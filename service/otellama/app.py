@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import http.cookiejar
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 import httpx
-from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+from opentelemetry.instrumentation.httpx import AsyncOpenTelemetryTransport
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from starlette.applications import Starlette
@@ -77,27 +76,21 @@ class App:
         metric_readers: Sequence[MetricReader] = (),
     ) -> None:
         self.settings = settings
-        self.client = httpx.AsyncClient(
-            transport=transport or AiohttpTransport(),
-            timeout=httpx.Timeout(
-                connect=settings.connect_timeout, read=settings.read_timeout, write=None, pool=None
-            ),
-            # One user's cookies must never reach the next: accept none.
-            cookies=http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[])),
-            follow_redirects=False,
-            trust_env=False,
-        )
         self.telemetry: Telemetry | None = None
+        self.transport = transport or AiohttpTransport()
         if recorder is None:
             recorder = self.telemetry = Telemetry(
                 settings, tracer_provider=tracer_provider, metric_readers=metric_readers
             )
             if self.telemetry.tracing:
                 # Traces the upstream call and sends its traceparent to Ollama.
-                HTTPXClientInstrumentor.instrument_client(
-                    self.client, tracer_provider=self.telemetry.tracer_provider
+                self.transport = AsyncOpenTelemetryTransport(
+                    self.transport, tracer_provider=self.telemetry.tracer_provider
                 )
-        self.proxy = Proxy(settings.upstream, self.client, recorder=recorder)
+        timeout = httpx.Timeout(
+            connect=settings.connect_timeout, read=settings.read_timeout, write=None, pool=None
+        )
+        self.proxy = Proxy(settings.upstream, self.transport, timeout=timeout, recorder=recorder)
         # Probes get a client of their own so they stay out of the traces.
         self.probe = UpstreamProbe(settings.upstream.url, settings.probe_interval)
         self.admin = Starlette(
@@ -151,7 +144,7 @@ class App:
         for task in self._background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.client.aclose()
+        await self.transport.aclose()
         await self.probe.close()
         if self.telemetry is not None:
             # Flushing exporters blocks on the network; keep the loop free while it does.

@@ -27,6 +27,8 @@ def config(app: ASGIApp, host: str, port: int, **options: object) -> uvicorn.Con
         "date_header": False,
         "log_level": "warning",
         "lifespan": "on",
+        # X-Forwarded-* rewriting is for apps behind a proxy; otellama is the proxy and forwards them.
+        "proxy_headers": False,
         # Ollama clients keep connections open between requests; uvicorn's 5 s default churns them.
         "timeout_keep_alive": 65,
     }

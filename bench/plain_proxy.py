@@ -1,0 +1,49 @@
+"""otellama's proxy with telemetry off, for the benchmark's "telemetry off" column.
+
+The product has no switch for this (the JSONL log and /otellama/metrics are always wanted); the benchmark
+swaps in a recorder that does nothing, so the figures show the byte path alone.
+
+Usage: python bench/plain_proxy.py --host 127.0.0.1 --port 11435 --upstream http://127.0.0.1:11434
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import uvicorn
+
+from otellama import server
+from otellama.app import create_app
+from otellama.proxy import Exchange
+from otellama.settings import Settings
+
+
+class NoTelemetry:
+    """A recorder that records nothing."""
+
+    def begin(self, exchange: Exchange) -> None:
+        pass
+
+    def observe(self, exchange: Exchange) -> Callable[[bytes, float], None] | None:
+        return None
+
+    def finish(self, exchange: Exchange) -> None:
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=11435)
+    parser.add_argument("--upstream", default="http://127.0.0.1:11434")
+    args = parser.parse_args()
+    settings = Settings.from_env(host=args.host, port=args.port, upstream=args.upstream)
+    app = create_app(settings, recorder=NoTelemetry())
+    uvicorn.Server(server.config(app, settings.host, settings.port)).run()
+
+
+if __name__ == "__main__":
+    main()
