@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LINTED := $(wildcard service tests bench)
 
-.PHONY: install test lint typecheck pytest demo bench clean
+.PHONY: install test lint typecheck pytest prometheus demo bench clean
 
 install: $(STAMP)
 
@@ -22,7 +22,12 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-pytest: install
+# The stack test (tests/test_stack.py) runs a real Prometheus: Debian's package, installed when missing and
+# possible (root with apt-get, as on CI); otherwise this stops and says how to install it.
+prometheus:
+	bash scripts/install-prometheus
+
+pytest: install prometheus
 	$(BIN)/pytest
 
 test: lint typecheck pytest
