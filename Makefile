@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LINTED := $(wildcard service tests bench)
 
-.PHONY: install test lint typecheck pytest prometheus demo bench clean
+.PHONY: install test lint typecheck pytest prometheus chromium demo bench bench-report clean
 
 install: $(STAMP)
 
@@ -27,7 +27,12 @@ typecheck: install
 prometheus:
 	bash scripts/install-prometheus
 
-pytest: install prometheus
+# The HTML report test (tests/test_html.py) renders the page in headless Chromium: Debian's package,
+# installed when missing and possible (root with apt-get, as on CI); otherwise this stops and says how.
+chromium:
+	bash scripts/install-chromium
+
+pytest: install prometheus chromium
 	$(BIN)/pytest
 
 test: lint typecheck pytest
@@ -36,7 +41,12 @@ demo: install
 	$(BIN)/otellama demo
 
 bench: install
-	$(BIN)/python bench/proxy_bench.py --write BENCHMARKS.md
+	$(BIN)/python bench/proxy_bench.py --telemetry off --write BENCHMARKS.md
+	$(BIN)/python bench/proxy_bench.py --telemetry on --write BENCHMARKS.md
+	$(BIN)/python bench/telemetry_bench.py
+
+bench-report: install
+	$(BIN)/python bench/report_bench.py --write BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info service/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -97,6 +97,7 @@ class App:
             routes=[
                 Route("/otellama/health", self.health, methods=["GET", "HEAD"]),
                 Route("/otellama/metrics", self.metrics, methods=["GET"]),
+                Route("/otellama/stats", self.stats, methods=["GET"]),
             ]
         )
         self._background: list[asyncio.Task[Any]] = []
@@ -134,6 +135,19 @@ class App:
         from prometheus_client import CONTENT_TYPE_LATEST
 
         return Response(self.telemetry.prometheus(), media_type=CONTENT_TYPE_LATEST)
+
+    async def stats(self, request: Request) -> Response:
+        """``GET /otellama/stats[?window=1h]``: recent exchanges per model, as ``otellama report --json``."""
+        if self.telemetry is None:
+            return Response(status_code=404)  # a custom recorder replaced telemetry
+        from otellama.stats import parse_window
+
+        try:
+            window = parse_window(request.query_params.get("window"))
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        # Sorting a full window takes a while: off the event loop, so that proxying carries on.
+        return JSONResponse(await asyncio.to_thread(self.telemetry.stats.summary, window))
 
     async def startup(self) -> None:
         self._background.append(asyncio.get_running_loop().create_task(self.probe.run()))

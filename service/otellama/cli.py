@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from otellama import __version__
+from otellama import __version__, summary
+from otellama.report import ReportError
 from otellama.settings import Settings, SettingsError
 
 EXAMPLES_SERVE = """\
@@ -30,7 +32,34 @@ examples:
 
 EXAMPLES_DEMO = """\
 examples:
-  otellama demo        # emulator + proxy on free ports, a scripted workload, then what otellama saw
+  otellama demo                                  # emulator, proxy, a workload, and what otellama saw
+  otellama demo --otlp http://127.0.0.1:4318     # also export traces and metrics to a collector
+  otellama demo --log-file demo.jsonl --html demo.html
+"""
+
+EXAMPLES_REPORT = """\
+examples:
+  otellama report                                # the configured log and its rotated files, by model
+  otellama report --since 1h --by client         # the last hour, per client
+  otellama report --model 'llama*' --since 2026-08-01T09:00 --until 2026-08-01T17:00
+  otellama report --json | jq '.groups[] | {group, p95: .ttft_ms.p95}'
+  otellama report --html report.html logs/otellama.jsonl*
+
+times: a duration back from now (90s, 15m, 1h, 2d, 1w, 1h30m) or a timestamp (2026-08-01,
+  2026-08-01T14:00, 2026-08-01T14:00:00Z; local time without an offset)
+percentiles: linear interpolation between closest ranks (numpy's default); unknown values are left out
+exit status: 0 report printed, 2 nothing to read (bad option, missing file)
+"""
+
+EXAMPLES_REPLAY = """\
+examples:
+  OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4318 otellama replay logs/otellama.jsonl*
+  otellama replay --endpoint http://127.0.0.1:4317 --protocol grpc --since 2h logs/otellama.jsonl
+
+The OTLP endpoint, protocol, headers, timeout and resource come from the standard OTEL_* variables, as for
+'otellama serve'; --endpoint and --protocol override the first two. Spans keep their original trace and
+span ids and timestamps; replaying twice sends them twice (backends keyed on span ids keep one).
+exit status: 0 everything exported, 1 the endpoint refused some or all spans, 2 nothing to replay
 """
 
 
@@ -43,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"otellama {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # Each command's help ends with examples; exit codes: 0 done, 1 failed, 2 bad usage, 130 interrupted.
     raw = argparse.RawDescriptionHelpFormatter
 
     serve = commands.add_parser("serve", help="run the proxy", epilog=EXAMPLES_SERVE, formatter_class=raw)
@@ -66,8 +96,56 @@ def _parser() -> argparse.ArgumentParser:
     emulate.add_argument("--token-rate", type=float, help="tokens per second; 0 streams as fast as possible")
     emulate.add_argument("--load-seconds", type=float, help="simulated cold-start model load time")
 
-    commands.add_parser(
+    demo = commands.add_parser(
         "demo", help="show otellama working against the emulator", epilog=EXAMPLES_DEMO, formatter_class=raw
+    )
+    demo.add_argument("--otlp", metavar="ENDPOINT", help="also export OTLP to this collector (base URL)")
+    demo.add_argument("--log-file", help="where the demo's JSONL log goes (default: a new temporary folder)")
+    demo.add_argument("--html", help="where the HTML report goes (default: report.html beside the log)")
+
+    def time_window(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "files",
+            nargs="*",
+            metavar="FILE",
+            help="log files (default: OTELLAMA_LOG_FILE and its rotated backups, oldest first)",
+        )
+        command.add_argument("--since", help="only exchanges that started at or after this time")
+        command.add_argument("--until", help="only exchanges that started before this time")
+        command.add_argument(
+            "--model", action="append", default=[], help="only this model (glob; repeatable)"
+        )
+        command.add_argument(
+            "--client", action="append", default=[], help="only this client (glob; repeatable)"
+        )
+
+    report = commands.add_parser(
+        "report",
+        help="summarise the JSONL log: latency percentiles, throughput, errors, per model",
+        description="Summarise the JSONL log per group: requests, error and cancelled %%, time to first "
+        "token, tokens/s, load time, cold starts, queue time, end-to-end time and tokens.",
+        epilog=EXAMPLES_REPORT,
+        formatter_class=raw,
+    )
+    time_window(report)
+    report.add_argument("--by", choices=summary.GROUPINGS, default="model", help="group by (default model)")
+    report.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    report.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page of charts")
+
+    replay = commands.add_parser(
+        "replay",
+        help="re-export logged exchanges as traces over OTLP (after a collector outage)",
+        description="Re-export the traces recorded in the JSONL log to the configured OTLP endpoint, with "
+        "their original trace ids, span ids and timestamps.",
+        epilog=EXAMPLES_REPLAY,
+        formatter_class=raw,
+    )
+    time_window(replay)
+    replay.add_argument("--endpoint", help="OTLP base URL (default: OTEL_EXPORTER_OTLP_ENDPOINT)")
+    replay.add_argument(
+        "--protocol",
+        choices=("grpc", "http/protobuf"),
+        help="OTLP protocol (default: OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf)",
     )
     return parser
 
@@ -85,10 +163,27 @@ def _serve(args: argparse.Namespace) -> int:
         settings.port,
         settings.upstream.url,
     )
+    _warn_if_unreachable(settings)
     import uvicorn
 
     uvicorn.Server(server.config(app, settings.host, settings.port)).run()
     return 0
+
+
+def _warn_if_unreachable(settings: Settings) -> None:
+    """Say at start-up, naming the address and the setting, when nothing listens where Ollama should."""
+    import socket
+
+    upstream = settings.upstream
+    try:
+        socket.create_connection((upstream.host, upstream.port), timeout=1.0).close()
+    except OSError as exc:
+        logging.getLogger("otellama").warning(
+            "Ollama does not answer at %s (%s). otellama starts anyway and answers 502 until it does; if "
+            "Ollama is elsewhere, set OTELLAMA_UPSTREAM or --upstream (e.g. --upstream 127.0.0.1:11434)",
+            upstream.url,
+            exc.strerror or exc,
+        )
 
 
 def _emulate(args: argparse.Namespace) -> int:
@@ -107,9 +202,48 @@ def _emulate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from otellama.demo import run
 
-    return run()
+    return run(
+        otlp=args.otlp,
+        log_file=Path(args.log_file) if args.log_file else None,
+        html=Path(args.html) if args.html else None,
+    )
+
+
+def _report(args: argparse.Namespace) -> int:
+    from otellama import report
+
+    return report.run(
+        args.files,
+        since=args.since,
+        until=args.until,
+        models=args.model,
+        clients=args.client,
+        by=args.by,
+        as_json=args.json,
+        html=args.html,
+        out=sys.stdout,
+        err=sys.stderr,
+    )
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from otellama import replay
+
+    return replay.run(
+        args.files,
+        since=args.since,
+        until=args.until,
+        models=args.model,
+        clients=args.client,
+        endpoint=args.endpoint,
+        protocol=args.protocol,
+        out=sys.stdout,
+        err=sys.stderr,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,11 +251,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is the access log we dropped
-    commands = {"serve": _serve, "emulate": _emulate, "demo": _demo}
+    commands = {"serve": _serve, "emulate": _emulate, "demo": _demo, "report": _report, "replay": _replay}
     try:
         return commands[args.command](args)
-    except SettingsError as exc:
-        print(f"otellama: {exc}", file=sys.stderr)
+    except (SettingsError, ReportError) as exc:
+        print(f"otellama {args.command}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `otellama report | head` stopped reading: not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that flushing stdout at exit cannot fail again
+        return 0
     except KeyboardInterrupt:
         return 130

@@ -46,6 +46,7 @@ from otellama.jsonlog import JsonLog, encode
 from otellama.proxy import OK, Exchange
 from otellama.record import Record, TraceIds, build
 from otellama.settings import Settings
+from otellama.stats import RollingStats
 from otellama.stream import StreamObserver
 
 log = logging.getLogger("otellama.telemetry")
@@ -489,6 +490,7 @@ class Telemetry:
                 settings.log_file, max_bytes=settings.log_max_bytes, backups=settings.log_backups
             )
         self.cap = Capper()
+        self.stats = RollingStats()  # GET /otellama/stats: recent exchanges, in bounded memory
         self._client_header = settings.client_header.lower().encode("latin-1")
         self._capture = capture_content(env)
         self._random = random.Random()
@@ -568,6 +570,7 @@ class Telemetry:
                 self._complain("rendering spans failed: %r", exc)
         context = trace.set_span_in_context(span) if span is not None else None
         record_metrics(self.instruments, record, self.cap, context)
+        self.stats.add(record)
 
     # --- the rest -------------------------------------------------------------------------------------
     def _export_failed(self, signal: str) -> None:
