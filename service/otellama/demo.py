@@ -12,6 +12,7 @@ Needs the official ``ollama`` client (``pip install 'otellama[demo]'``; ``make d
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -43,6 +44,12 @@ class Step:
     label: str
     call: Callable[[], str]
     exchanges: int = 1
+
+
+def _together(work: Callable[[int], None], clients: int) -> None:
+    """Run ``work(0)`` … ``work(clients - 1)`` at once, as that many clients would, and wait for all."""
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(work, range(clients)))  # list(): re-raises a client's failure here
 
 
 def _script(client: Any, failing: Any, url: str) -> list[Step]:
@@ -117,11 +124,7 @@ def _script(client: Any, failing: Any, url: str) -> list[Step]:
             with lock:
                 counts.append(n)
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(CONCURRENT)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _together(one, CONCURRENT)
         return f"{len(counts)} streams, {sum(counts)} chunks"
 
     def steady() -> str:
@@ -144,11 +147,7 @@ def _script(client: Any, failing: Any, url: str) -> list[Step]:
                     with lock:
                         done.append(model)
 
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(STEADY_CLIENTS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _together(worker, STEADY_CLIENTS)
         return f"{len(done)} requests from {STEADY_CLIENTS} clients"
 
     def tags() -> str:
