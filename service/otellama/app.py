@@ -20,6 +20,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from otellama import __version__
+from otellama.auth import Gate
 from otellama.proxy import Proxy, Recorder
 from otellama.settings import Settings
 from otellama.telemetry import Telemetry
@@ -76,6 +77,7 @@ class App:
         metric_readers: Sequence[MetricReader] = (),
     ) -> None:
         self.settings = settings
+        self.gate = Gate.from_settings(settings)  # None unless OTELLAMA_API_KEYS_FILE is set
         self.telemetry: Telemetry | None = None
         self.transport = transport or AiohttpTransport()
         if recorder is None:
@@ -105,6 +107,8 @@ class App:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
+            if self.gate is not None and not await self.gate.admit(scope, send):
+                return  # refused with a 401
             if scope["path"].startswith(ADMIN_PREFIX):
                 await self.admin(scope, receive, send)
             else:

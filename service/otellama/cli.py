@@ -151,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from otellama import server
+    from otellama import connection, server
     from otellama.app import create_app
 
     settings = Settings.from_env(host=args.host, port=args.port, upstream=args.upstream)
@@ -166,7 +166,16 @@ def _serve(args: argparse.Namespace) -> int:
     _warn_if_unreachable(settings)
     import uvicorn
 
-    uvicorn.Server(server.config(app, settings.host, settings.port)).run()
+    # The guarded protocol bounds request headers and slow clients (connection.py); on SIGTERM running
+    # requests get OTELLAMA_SHUTDOWN_GRACE seconds, then the lifespan flushes the log and the exporters.
+    config = server.config(
+        app,
+        settings.host,
+        settings.port,
+        http=connection.protocol(settings.client_timeout),
+        timeout_graceful_shutdown=settings.shutdown_grace,
+    )
+    uvicorn.Server(config).run()
     return 0
 
 

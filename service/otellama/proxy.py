@@ -107,9 +107,25 @@ def _error_body(path: str, message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
+class ShuttingDown(Exception):
+    """otellama is stopping and the request outlived ``OTELLAMA_SHUTDOWN_GRACE``."""
+
+
+SHUTDOWN = ShuttingDown()
+
+
 def classify_failure(exc: BaseException, upstream: Upstream) -> tuple[int, str, str]:
-    """Map an upstream transport failure to (status, message, error type). See transport.py's tree."""
+    """Map a failure to (status, message, error type): upstream transport failures (see transport.py's
+    tree), otellama shutting down, and otellama's own bugs (500, named by nothing but "internal")."""
     where = upstream.url
+    if isinstance(exc, ShuttingDown):
+        return (
+            503,
+            "otellama: shutting down; the request was cut after the grace period (OTELLAMA_SHUTDOWN_GRACE)",
+            "shutdown",
+        )
+    if not isinstance(exc, httpx.TransportError):
+        return 500, "otellama: internal error (details are in otellama's log)", "internal_error"
     if isinstance(exc, httpx.ReadTimeout):
         return (
             504,
@@ -157,6 +173,7 @@ class Proxy:
         self.recorder = recorder
         self._timeout = {"connect": timeout.connect, "read": timeout.read, "write": None, "pool": None}
         self._base = upstream.url
+        self._prefix = upstream.path.encode("latin-1")
         self._host = upstream.host_header
         self._urls: dict[bytes, httpx.URL] = {}
 
@@ -200,30 +217,37 @@ class Proxy:
                 self._url(target),
                 headers=headers,
                 content=content,
-                extensions={"timeout": self._timeout},
+                # httpx.URL drops "." and ".." segments: the target goes verbatim in httpcore's extension.
+                extensions={"timeout": self._timeout, "target": self._prefix + target},
             )
             response = await self.transport.handle_async_request(request)
             exchange.t_headers = time.perf_counter()
             await self._relay(response, exchange, send, state)
         except asyncio.CancelledError:
-            if not state.client_gone:
-                raise
-            task.uncancel()
-            exchange.outcome, exchange.error_type = CANCELLED, CANCELLED
-            exchange.error = "client disconnected"
+            task.uncancel()  # handled here: the exchange ends now, either way
+            if state.client_gone:
+                exchange.outcome, exchange.error_type = CANCELLED, CANCELLED
+                exchange.error = "client disconnected"
+            else:
+                # Nobody but the server cancels a request: it is stopping and the grace period ran out.
+                await self._fail(SHUTDOWN, exchange, send, state)
         except (httpx.TransportError, _ClientGone) as exc:
             if state.client_gone or isinstance(exc, _ClientGone):
                 exchange.outcome, exchange.error_type = CANCELLED, CANCELLED
                 exchange.error = "client disconnected"
             else:
                 await self._fail(exc, exchange, send, state)
+        except Exception as exc:  # a bug of ours: the traceback goes to our log, never to the client
+            log.exception("%s %s failed inside otellama", exchange.method, exchange.path)
+            await self._fail(exc, exchange, send, state)
         finally:
             state.stop_watching()
             if response is not None:
                 await _close(response, state)
             exchange.t_end = time.perf_counter()
-        if recorder is not None:
-            _guarded(recorder.finish, exchange)
+            # Recorded whatever happened: a request that began is never missing from the log.
+            if recorder is not None:
+                _guarded(recorder.finish, exchange)
 
     def _url(self, target: bytes) -> httpx.URL:
         # Parsing a URL costs ~9 µs and Ollama clients use a handful of paths: remember them (bounded,
@@ -262,6 +286,8 @@ class Proxy:
         status, message, error_type = classify_failure(exc, self.upstream)
         exchange.outcome, exchange.error, exchange.error_type = ERROR, message, error_type
         log.warning("%s %s: %s", exchange.method, exchange.path, message)
+        if state.finished:
+            return  # the response was already complete: nothing left to say
         if not state.response_started:
             body = _error_body(exchange.path, message)
             exchange.status = status

@@ -95,6 +95,19 @@ def _count(name: str, raw: str) -> int:
     return value
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _flag(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a yes/no value (true, false, 1, 0, on, off)")
+
+
 def _port(name: str, raw: str) -> int:
     try:
         port = int(raw)
@@ -128,6 +141,18 @@ class Settings:
     client_header: str = "x-client-name"
     #: A ``load_duration`` above this many seconds is a cold start (a loaded model still reports a few ms).
     cold_start_seconds: float = 1.0
+    #: API keys (``name:key`` per line, see ``auth.py``). None: no keys, every request is let through.
+    api_keys_file: Path | None = None
+    #: With keys on: pass the client's ``Authorization`` header on to Ollama (default: it stops here).
+    forward_authorization: bool = False
+    #: With keys on: ``/otellama/*`` (but ``/otellama/health``) needs a key too.
+    protect_admin: bool = True
+    #: Longest a client may take to send its request headers, or stay silent while sending its body,
+    #: before its connection is closed (slow clients); None: wait forever. Never applies to Ollama.
+    client_timeout: float | None = 60.0
+    #: On SIGTERM, seconds running requests get to finish before they are cut (0: cut them at once);
+    #: None (``none``): wait for them all.
+    shutdown_grace: float | None = 30.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -156,6 +181,22 @@ class Settings:
         if "OTELLAMA_COLD_START_SECONDS" in env:
             cold = _seconds("OTELLAMA_COLD_START_SECONDS", env["OTELLAMA_COLD_START_SECONDS"])
             values["cold_start_seconds"] = cold or 0.0
+        if "OTELLAMA_API_KEYS_FILE" in env:
+            raw = env["OTELLAMA_API_KEYS_FILE"].strip()
+            values["api_keys_file"] = Path(raw) if raw else None
+        if "OTELLAMA_FORWARD_AUTHORIZATION" in env:
+            raw = env["OTELLAMA_FORWARD_AUTHORIZATION"]
+            values["forward_authorization"] = _flag("OTELLAMA_FORWARD_AUTHORIZATION", raw)
+        if "OTELLAMA_PROTECT_ADMIN" in env:
+            values["protect_admin"] = _flag("OTELLAMA_PROTECT_ADMIN", env["OTELLAMA_PROTECT_ADMIN"])
+        if "OTELLAMA_CLIENT_TIMEOUT" in env:
+            values["client_timeout"] = _seconds("OTELLAMA_CLIENT_TIMEOUT", env["OTELLAMA_CLIENT_TIMEOUT"])
+        grace = env.get("OTELLAMA_SHUTDOWN_GRACE", "").strip().lower()
+        if grace:
+            # Unlike the timeouts, 0 here means "no grace at all"; only "none" means "wait forever".
+            values["shutdown_grace"] = (
+                None if grace == "none" else _seconds("OTELLAMA_SHUTDOWN_GRACE", grace) or 0.0
+            )
         for key, value in overrides.items():
             if value is None:
                 continue

@@ -36,12 +36,13 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from otellama import __version__, ollama, semconv
+from otellama.exportqueue import CountedBatchSpanProcessor
 from otellama.jsonlog import JsonLog, encode
 from otellama.proxy import OK, Exchange
 from otellama.record import Record, TraceIds, build
@@ -478,7 +479,9 @@ class Telemetry:
             self._own_providers.append(tracer_provider)
             if traces_protocol is not None:
                 span_exporter = CountingSpanExporter(_span_exporter(traces_protocol), self._export_failed)
-                tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+                # A bounded queue (a dead collector cannot grow memory) whose drops are counted.
+                queue = CountedBatchSpanProcessor(span_exporter, meter_provider)
+                tracer_provider.add_span_processor(queue)
         tracer_provider.id_generator = PresetIdGenerator(tracer_provider.id_generator)  # type: ignore[assignment]
         self.tracer_provider = tracer_provider
         self.tracer = tracer_provider.get_tracer("otellama", __version__)

@@ -111,11 +111,17 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             data = request.content or None
         except httpx.RequestNotRead:
             data = request.stream  # type: ignore[assignment]
+        url = str(request.url)
+        target = request.extensions.get("target")
+        if target is not None:
+            # httpcore's extension: the request target exactly as the client wrote it (httpx.URL has
+            # already resolved "." and ".." segments, which would forward /api/blobs/../x as /x).
+            url = f"{request.url.scheme}://{request.url.netloc.decode('ascii')}{target.decode('latin-1')}"
         with _mapped_errors(request):
             response = await self._get_session().request(
                 request.method,
                 # encoded=True: yarl would otherwise re-quote, e.g. turn %2F into / in the query.
-                yarl.URL(str(request.url), encoded=True),
+                yarl.URL(url, encoded=True),
                 headers=headers,
                 data=data,
                 allow_redirects=False,
