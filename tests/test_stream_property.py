@@ -9,7 +9,6 @@ against an oracle computed here; plus the memory bound on a line that never ends
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import tracemalloc
 from typing import Any
@@ -19,16 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from otellama.stream import Observation, StreamObserver
-
-
-def untimed(observation: Observation) -> Observation:
-    return dataclasses.replace(
-        observation,
-        started_at=0.0,
-        finished_at=0.0,
-        first_chunk_at=None if observation.first_chunk_at is None else 0.0,
-        first_content_at=None if observation.first_content_at is None else 0.0,
-    )
+from tests.test_stream import untimed
 
 
 def observe(pieces: list[bytes], framing: str, capture: bool = False, **caps: int) -> Observation:
