@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LINTED := $(wildcard service tests bench)
 
-.PHONY: install test lint typecheck pytest prometheus chromium demo bench bench-report clean
+.PHONY: install test lint typecheck pytest prometheus chromium demo bench bench-report soak clean
 
 install: $(STAMP)
 
@@ -44,6 +44,9 @@ bench: install
 	$(BIN)/python bench/proxy_bench.py --telemetry off --write BENCHMARKS.md
 	$(BIN)/python bench/proxy_bench.py --telemetry on --write BENCHMARKS.md
 	$(BIN)/python bench/telemetry_bench.py
+
+soak: install
+	$(BIN)/python bench/soak.py
 
 bench-report: install
 	$(BIN)/python bench/report_bench.py --write BENCHMARKS.md

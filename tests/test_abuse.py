@@ -332,6 +332,37 @@ def test_slow_but_steady_uploads_and_long_waits_for_ollama_are_not_cut(
         assert again.extensions["network_stream"] is response.extensions["network_stream"]  # same connection
 
 
+def test_a_stray_crlf_during_a_long_response_is_not_a_slow_request(
+    serve: Callable[..., str], tmp_path: Path
+) -> None:
+    async def slow_stream(seen: Seen, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/x-ndjson")],
+            }
+        )
+        for _ in range(4):
+            await asyncio.sleep(TIMEOUT)  # a stream that outlasts the client timeout several times
+            await send({"type": "http.response.body", "body": b'{"done":false}\n', "more_body": True})
+        await send({"type": "http.response.body", "body": b'{"done":true}\n'})
+
+    url = guarded_proxy(serve, serve(ScriptedUpstream(slow_stream)), tmp_path / "log.jsonl", TIMEOUT)
+    # Some clients send CRLF after a body: bytes that start no request, here while the stream runs.
+    with socket.create_connection(address(url)) as sock:
+        sock.sendall(
+            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+        )
+        answer = sock.recv(65536)  # the response has begun
+        sock.sendall(b"\r\n")
+        sock.settimeout(10)
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.count(b'{"done":false}') == 4 and b'{"done":true}' in answer
+
+
 def test_an_upload_waiting_on_ollama_is_not_timed_out(serve: Callable[..., str], tmp_path: Path) -> None:
     """Backpressure: Ollama reads the body late; otellama stops reading the client, which is not its fault."""
     upstream_reading = threading.Event()

@@ -169,6 +169,10 @@ class GuardedProtocol(HttpToolsProtocol):
             elif self._phase == _HEADERS:
                 message = f"request headers not received within {timeout:g} s (OTELLAMA_CLIENT_TIMEOUT)"
                 self._abort(b"408 Request Timeout", f"otellama: {message}")
+            elif self.cycle is not None and not self.cycle.response_complete:
+                # Bytes that began no request (a stray CRLF after a body) while a response is still going:
+                # nothing to time out; uvicorn's keep-alive takes over once the response is done.
+                self._headers_since = None
             else:  # connected, never sent a byte
                 self._close()
         elif self._phase == _BODY:
