@@ -195,6 +195,23 @@ def test_requests_in_flight_rise_and_fall(rig: Callable[..., Rig]) -> None:
     assert during == [1] and after == [0]
 
 
+def test_histogram_exemplars_point_at_the_genai_span(rig: Callable[..., Rig]) -> None:
+    r = rig()
+    for _ in range(2):
+        assert r.chat("hello", stream=False).status_code == 200
+    r.settled(2)
+    genai_ids = {
+        (s.context.trace_id, s.context.span_id) for s in r.finished() if s.name == "chat llama3.2:3b"
+    }
+    data = r.metrics.get_metrics_data()
+    assert data is not None and len(genai_ids) == 2
+    by_name = {m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    [point] = by_name["gen_ai.client.operation.duration"].data.data_points  # type: ignore[union-attr]
+    assert point.count == 2
+    exemplars = {(e.trace_id, e.span_id) for e in point.exemplars}  # type: ignore[union-attr]
+    assert exemplars and exemplars <= genai_ids  # the last exchange per bucket, linked to its trace
+
+
 def test_openai_exchange_has_usage_but_no_ollama_durations(rig: Callable[..., Rig]) -> None:
     r = rig()
     httpx.post(

@@ -1,11 +1,10 @@
 """``otellama replay``: re-export logged exchanges as traces, so that a collector outage loses nothing.
 
 Each JSONL line is read back into its :class:`~otellama.record.Record` and rendered by the very function that
-rendered it live, :func:`otellama.telemetry.render_spans`, on a tracer provider whose id generator is
-:class:`~otellama.telemetry.PresetIdGenerator`: the server span, the GenAI span and the phase spans come out
-with their original trace ids, span ids, parents, timestamps, attributes and status, under the same resource
-(``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``). Only the span of the upstream HTTP call (made by the
-httpx instrumentation, not from the record) is not in the log, so it is not replayed.
+rendered it live, :func:`otellama.telemetry.render_spans`: the server span, the GenAI span and the phase spans
+come out with their original trace ids, span ids, parents, timestamps, attributes and status, under the same
+resource (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``). Only the span of the upstream HTTP call (made
+by the httpx instrumentation, not from the record) is not in the log, so it is not replayed.
 
 Export goes where live export goes, configured by the standard variables (``OTEL_EXPORTER_OTLP_ENDPOINT``
 or ``..._TRACES_ENDPOINT``, ``..._PROTOCOL``, ``..._HEADERS``, ``..._TIMEOUT``, ...). Spans are exported in
@@ -28,15 +27,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final, TextIO
 
-from opentelemetry.context import Context
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
-from otellama import __version__, report, terminal
+from otellama import report, terminal
 from otellama.record import Record
 from otellama.settings import Settings
-from otellama.telemetry import PresetIdGenerator, _span_exporter, otlp_protocol, render_spans, resource
+from otellama.telemetry import _span_exporter, otlp_protocol, render_spans, resource
 
 BATCH_SPANS: Final = 512
 GIVE_UP_AFTER: Final = 3
@@ -44,25 +41,6 @@ GIVE_UP_AFTER: Final = 3
 
 class ReplayError(report.ReportError):
     """Replay cannot start (no endpoint configured, no log); the message says what to do."""
-
-
-class _Collect(SpanProcessor):
-    """Keeps ended spans until the replay loop exports them."""
-
-    def __init__(self) -> None:
-        self.spans: list[ReadableSpan] = []
-
-    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        pass
-
-    def on_end(self, span: ReadableSpan) -> None:
-        self.spans.append(span)
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
 
 
 @dataclasses.dataclass
@@ -105,10 +83,8 @@ def replay(
     window = window or report.Window()
     since = window.since if window.since is not None else float("-inf")
     until = window.until if window.until is not None else float("inf")
-    collected = _Collect()
-    provider = TracerProvider(resource=resource(env), sampler=ALWAYS_ON, id_generator=PresetIdGenerator())
-    provider.add_span_processor(collected)
-    tracer = provider.get_tracer("otellama", __version__)
+    spans_resource = resource(env)
+    collected: list[ReadableSpan] = []
     outcome = Outcome()
     pending = 0  # exchanges whose spans wait in ``collected``
     failures_in_a_row = 0
@@ -116,7 +92,8 @@ def replay(
 
     def flush() -> None:
         nonlocal pending, failures_in_a_row
-        spans, collected.spans = collected.spans, []
+        spans = collected[:]
+        collected.clear()
         if not spans:
             return
         if outcome.gave_up:
@@ -160,13 +137,12 @@ def replay(
             if not record.ids.sampled:
                 outcome.unsampled += 1
                 continue
-            render_spans(tracer, record)
+            collected.extend(render_spans(record, spans_resource))
             pending += 1
-            if len(collected.spans) >= BATCH_SPANS:
+            if len(collected) >= BATCH_SPANS:
                 flush()
         flush()
     finally:
-        provider.shutdown()
         if progress is not None:
             progress.close()
     return outcome

@@ -2,11 +2,12 @@
 
 :class:`Telemetry` is the proxy's recorder. When a request arrives it only picks the exchange's trace ids
 (so the upstream call can carry ``traceparent`` to Ollama) and counts it in flight; after the last byte it
-builds the record and renders it. Spans are created after the fact with the ids chosen up front and
-back-dated timestamps, through the ordinary SDK pipeline (sampler, processors, exporters), by
-:func:`render_spans`, which ``otellama replay`` reuses to re-export a logged exchange unchanged.
+builds the record and renders it. Spans are built finished, with the ids chosen up front and back-dated
+timestamps, by :func:`render_spans` (which ``otellama replay`` reuses to re-export a logged exchange
+unchanged) and handed to the tracer provider's span processors and exporters. Histograms are aggregated by
+``histograms.py``, counters by the SDK.
 
-This module and ``semconv.py`` are the only ones that speak OpenTelemetry.
+This module, ``histograms.py`` and ``semconv.py`` are the only ones that speak OpenTelemetry.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Final
 import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.metrics import Histogram, Meter
+from opentelemetry.metrics import Meter
 from opentelemetry.propagate import extract
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, TraceBasedExemplarFilter
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
@@ -35,14 +36,15 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from otellama import __version__, ollama, semconv
 from otellama.exportqueue import CountedBatchSpanProcessor
+from otellama.histograms import Histogram, Histograms, SpanRef, key_of
 from otellama.jsonlog import JsonLog, encode
 from otellama.proxy import OK, Exchange
 from otellama.record import Record, TraceIds, build
@@ -64,33 +66,11 @@ _PHASE_SPANS: Final = {
 _TRUE: Final = ("true", "1", "yes", "on")
 
 
-# --- trace ids chosen before the spans exist ------------------------------------------------------------
-_preset: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("otellama_ids", default=None)
-
-
-class PresetIdGenerator(IdGenerator):
-    """Hands the next span the (trace id, span id) preset by :func:`render_spans`; random otherwise.
-
-    The ids must be known when the request arrives, because ``traceparent`` goes to Ollama before the
-    response exists, but the spans are only created after the last byte, with their real timestamps.
-    """
-
-    def __init__(self, fallback: IdGenerator | None = None) -> None:
-        self.fallback = fallback or RandomIdGenerator()
-
-    def generate_span_id(self) -> int:
-        preset = _preset.get()
-        if preset is None:
-            return self.fallback.generate_span_id()
-        _preset.set(None)
-        return preset[1]
-
-    def generate_trace_id(self) -> int:
-        preset = _preset.get()
-        return preset[0] if preset is not None else self.fallback.generate_trace_id()
-
-    def is_trace_id_random(self) -> bool:
-        return True
+# --- spans ----------------------------------------------------------------------------------------------
+#: The instrumentation scope of everything otellama records.
+SCOPE: Final = InstrumentationScope("otellama", __version__)
+_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
+_UNSET: Final = Status(StatusCode.UNSET)
 
 
 def _span_context(trace_id: int, span_id: int, sampled: bool, remote: bool) -> otel_context.Context:
@@ -99,61 +79,62 @@ def _span_context(trace_id: int, span_id: int, sampled: bool, remote: bool) -> o
     return trace.set_span_in_context(span)
 
 
-def render_spans(tracer: trace.Tracer, record: Record) -> trace.Span | None:
-    """Create the exchange's spans, back-dated, with its preset ids. Returns the GenAI (or server) span.
+def render_spans(record: Record, resource: Resource) -> list[ReadableSpan]:
+    """The exchange's finished spans, with the ids chosen when the request arrived; none if unsampled.
 
     SERVER span for the request; under it the GenAI CLIENT span ``{operation} {model}``; under that one span
-    per Ollama phase. Used live and by replay: the spans depend on the record alone.
+    per Ollama phase. They are built complete, as the SDK's span processors receive them at ``on_end``,
+    rather than started and ended through a tracer: the exchange is over, its ids were drawn (and sent to
+    Ollama in ``traceparent``) before it began, and its sampling decision was made then too, so a tracer's
+    sampler, id generator and attribute copying would only cost time (~25 µs a span). Used live and by
+    replay: the spans depend on the record alone.
     """
     ids = record.ids
     if not ids.sampled:
-        return None
+        return []
     parent = None
     if ids.parent_span_id is not None:
-        parent = _span_context(ids.trace_id, ids.parent_span_id, sampled=True, remote=True)
+        parent = SpanContext(ids.trace_id, ids.parent_span_id, is_remote=True, trace_flags=_SAMPLED)
     failed = record.outcome != OK
-    status = Status(StatusCode.ERROR, record.error) if failed else Status(StatusCode.UNSET)
-    _preset.set((ids.trace_id, ids.server_span_id))
-    server = tracer.start_span(
-        f"{record.method} {record.endpoint}",
-        context=parent,
-        kind=SpanKind.SERVER,
-        attributes=_attributes(
-            (semconv.HTTP_METHOD, record.method),
-            (semconv.HTTP_ROUTE, record.endpoint),
-            (semconv.HTTP_STATUS, record.status),
-            (semconv.ERROR_TYPE, record.error_type),
-            (semconv.OUTCOME, record.outcome),
-            (semconv.CLIENT_NAME, record.client),
-        ),
-        start_time=record.start_ns,
+    status = Status(StatusCode.ERROR, record.error) if failed else _UNSET
+    server = SpanContext(ids.trace_id, ids.server_span_id, is_remote=False, trace_flags=_SAMPLED)
+
+    def span(
+        name: str, context: SpanContext, parent: SpanContext | None, kind: SpanKind,
+        attributes: dict[str, Any] | None, start: int, end: int, status: Status = _UNSET,
+    ) -> ReadableSpan:  # fmt: skip
+        return ReadableSpan(
+            name, context, parent, resource, attributes, kind=kind, status=status,
+            start_time=start, end_time=end, instrumentation_scope=SCOPE,
+        )  # fmt: skip
+
+    server_attributes = _attributes(
+        (semconv.HTTP_METHOD, record.method),
+        (semconv.HTTP_ROUTE, record.endpoint),
+        (semconv.HTTP_STATUS, record.status),
+        (semconv.ERROR_TYPE, record.error_type),
+        (semconv.OUTCOME, record.outcome),
+        (semconv.CLIENT_NAME, record.client),
     )
-    server.set_status(status)
-    innermost = server
+    name = f"{record.method} {record.endpoint}"
+    spans = [
+        span(name, server, parent, SpanKind.SERVER, server_attributes, record.start_ns, record.end_ns, status)
+    ]
     if ids.genai_span_id is not None and record.operation is not None:
-        _preset.set((ids.trace_id, ids.genai_span_id))
-        genai = tracer.start_span(
-            f"{record.operation} {record.model}" if record.model else record.operation,
-            context=trace.set_span_in_context(server),
-            kind=SpanKind.CLIENT,
-            attributes=genai_attributes(record),
-            start_time=record.start_ns,
+        genai = SpanContext(ids.trace_id, ids.genai_span_id, is_remote=False, trace_flags=_SAMPLED)
+        name = f"{record.operation} {record.model}" if record.model else record.operation
+        attributes = genai_attributes(record)
+        spans.append(
+            span(name, genai, server, SpanKind.CLIENT, attributes, record.start_ns, record.end_ns, status)
         )
-        genai.set_status(status)
-        parent_of_phases = trace.set_span_in_context(genai)
-        for name, start, end in record.phases():
-            span_id = ids.phase_span_ids.get(name)
-            if span_id is None:
-                continue
-            _preset.set((ids.trace_id, span_id))
-            tracer.start_span(
-                _PHASE_SPANS[name], context=parent_of_phases, kind=SpanKind.INTERNAL, start_time=start
-            ).end(end_time=end)
-        genai.end(end_time=record.end_ns)
-        innermost = genai
-    _preset.set(None)
-    server.end(end_time=record.end_ns)
-    return innermost
+        for phase, start, end in record.phases():
+            span_id = ids.phase_span_ids.get(phase)
+            if span_id is not None:
+                phase_context = SpanContext(ids.trace_id, span_id, is_remote=False, trace_flags=_SAMPLED)
+                spans.append(
+                    span(_PHASE_SPANS[phase], phase_context, genai, SpanKind.INTERNAL, None, start, end)
+                )
+    return spans
 
 
 def _attributes(*pairs: tuple[str, Any]) -> dict[str, Any]:
@@ -174,8 +155,8 @@ def genai_attributes(record: Record) -> dict[str, Any]:
         (semconv.REQUEST_TOP_K, r.top_k),
         (semconv.REQUEST_SEED, r.seed),
         (semconv.REQUEST_MAX_TOKENS, r.max_tokens),
-        (semconv.REQUEST_STOP_SEQUENCES, list(r.stop) if r.stop else None),
-        (semconv.FINISH_REASONS, list(record.finish_reasons) if record.finish_reasons else None),
+        (semconv.REQUEST_STOP_SEQUENCES, tuple(r.stop) if r.stop else None),
+        (semconv.FINISH_REASONS, tuple(record.finish_reasons) if record.finish_reasons else None),
         (semconv.INPUT_TOKENS, record.input_tokens),
         (semconv.OUTPUT_TOKENS, record.output_tokens),
         (semconv.TIME_TO_FIRST_CHUNK, record.time_to_first_chunk_s),
@@ -230,17 +211,14 @@ class Capper:
 
 
 class Instruments:
-    """Every instrument otellama records, created once from ``semconv``'s names, units and buckets."""
+    """Every instrument otellama records, created once from ``semconv``'s names, units and buckets.
 
-    def __init__(self, meter: Meter) -> None:
-        def histogram(metric: semconv.Metric) -> Histogram:
-            return meter.create_histogram(
-                metric.name,
-                unit=metric.unit,
-                description=metric.description,
-                explicit_bucket_boundaries_advisory=list(metric.buckets or ()),
-            )
+    Histograms are aggregated by :class:`~otellama.histograms.Histograms` (13 records an exchange through
+    the SDK would cost more than the rest of telemetry together); counters go through the SDK.
+    """
 
+    def __init__(self, meter: Meter, histograms: Histograms) -> None:
+        histogram = histograms.histogram
         self.operation_duration = histogram(semconv.CLIENT_OPERATION_DURATION)
         self.token_usage = histogram(semconv.CLIENT_TOKEN_USAGE)
         self.time_to_first_chunk = histogram(semconv.CLIENT_TIME_TO_FIRST_CHUNK)
@@ -267,9 +245,9 @@ class Instruments:
 
 
 def record_metrics(
-    instruments: Instruments, record: Record, cap: Capper, context: otel_context.Context | None = None
+    instruments: Instruments, record: Record, cap: Capper, span: SpanRef | None = None
 ) -> None:
-    """Record one exchange. ``context`` (the GenAI span's) lets histograms carry exemplars."""
+    """Record one exchange. ``span`` (the sampled GenAI span's ids) becomes the histograms' exemplar."""
     attributes = _attributes(
         (semconv.OPERATION, record.operation),
         (semconv.PROVIDER, semconv.PROVIDER_OLLAMA if record.operation else None),
@@ -282,28 +260,29 @@ def record_metrics(
     if record.operation is None:
         return  # model management, health checks, blobs: counted, nothing more to measure
     i, t = instruments, record.timings
-
-    def observe(histogram: Histogram, value: float | None, extra: Mapping[str, Any] | None = None) -> None:
+    key = key_of(attributes)
+    observations: list[tuple[Histogram, float | int | None]] = [
+        (i.operation_duration, record.duration_s),
+        (i.time_to_first_chunk, record.time_to_first_chunk_s if record.stream else None),
+        (i.server_duration, None if t.total_duration is None else t.total_duration / 1e9),
+        (i.load, None if t.load_duration is None else t.load_duration / 1e9),
+        (i.prompt_eval, None if t.prompt_eval_duration is None else t.prompt_eval_duration / 1e9),
+        (i.eval, None if t.eval_duration is None else t.eval_duration / 1e9),
+        (i.queue, None if t.queue_ns is None else t.queue_ns / 1e9),
+        (i.server_ttft, record.server_time_to_first_token_s),
+        (i.time_per_output_token, record.time_per_output_token_s),
+        (i.generation_throughput, t.tokens_per_second),
+        (i.prompt_throughput, t.prompt_tokens_per_second),
+    ]
+    for histogram, value in observations:
         if value is not None:
-            histogram.record(value, {**attributes, **extra} if extra else attributes, context)
-
-    observe(i.operation_duration, record.duration_s)
-    observe(i.time_to_first_chunk, record.time_to_first_chunk_s if record.stream else None)
-    observe(i.token_usage, record.input_tokens, {semconv.TOKEN_TYPE: semconv.TOKEN_TYPE_INPUT})
-    observe(i.token_usage, record.output_tokens, {semconv.TOKEN_TYPE: semconv.TOKEN_TYPE_OUTPUT})
-    seconds = {
-        i.server_duration: t.total_duration,
-        i.load: t.load_duration,
-        i.prompt_eval: t.prompt_eval_duration,
-        i.eval: t.eval_duration,
-        i.queue: t.queue_ns,
-    }
-    for histogram, ns in seconds.items():
-        observe(histogram, None if ns is None else ns / 1e9)
-    observe(i.server_ttft, record.server_time_to_first_token_s)
-    observe(i.time_per_output_token, record.time_per_output_token_s)
-    observe(i.generation_throughput, t.tokens_per_second)
-    observe(i.prompt_throughput, t.prompt_tokens_per_second)
+            histogram.record(value, key, span)
+    for tokens, kind in (
+        (record.input_tokens, semconv.TOKEN_TYPE_INPUT),
+        (record.output_tokens, semconv.TOKEN_TYPE_OUTPUT),
+    ):
+        if tokens is not None:
+            i.token_usage.record(tokens, key_of({**attributes, semconv.TOKEN_TYPE: kind}), span)
     if record.cold_start:
         i.cold_starts.add(1, attributes)
 
@@ -464,13 +443,19 @@ class Telemetry:
             readers.append(PeriodicExportingMetricReader(metric_exporter))
         # Exemplars only travel over OTLP (the Prometheus reader drops them): don't pay for them otherwise.
         wanted = metrics_protocol is not None or bool(metric_readers)
+        metrics_resource = resource(env)
         self.meter_provider = meter_provider = SdkMeterProvider(
             metric_readers=readers,
-            resource=resource(env),
+            resource=metrics_resource,
             exemplar_filter=TraceBasedExemplarFilter() if wanted else AlwaysOffExemplarFilter(),
         )
         self._own_providers.append(meter_provider)
-        self.instruments = Instruments(meter_provider.get_meter("otellama", __version__))
+        self.histograms = Histograms(
+            metrics_resource, InstrumentationScope("otellama", __version__), exemplars=wanted
+        )
+        for reader in readers:
+            self.histograms.attach(reader)
+        self.instruments = Instruments(meter_provider.get_meter("otellama", __version__), self.histograms)
 
         traces_protocol = otlp_protocol(env, "traces")
         self.tracing = tracer_provider is not None or traces_protocol is not None
@@ -482,10 +467,14 @@ class Telemetry:
                 # A bounded queue (a dead collector cannot grow memory) whose drops are counted.
                 queue = CountedBatchSpanProcessor(span_exporter, meter_provider)
                 tracer_provider.add_span_processor(queue)
-        tracer_provider.id_generator = PresetIdGenerator(tracer_provider.id_generator)  # type: ignore[assignment]
         self.tracer_provider = tracer_provider
-        self.tracer = tracer_provider.get_tracer("otellama", __version__)
         self.sampler = tracer_provider.sampler
+        # Finished spans go straight to the provider's processors (see render_spans). A provider disabled
+        # by OTEL_SDK_DISABLED hands out a no-op tracer, which has none.
+        tracer = tracer_provider.get_tracer("otellama", __version__)
+        self._spans: SpanProcessor | None = getattr(tracer, "span_processor", None) if self.tracing else None
+        self._resource = getattr(tracer, "resource", None) or resource(env)
+        self.tracing = self._spans is not None
 
         self.log: JsonLog | None = None
         if settings.log_file is not None:
@@ -565,14 +554,16 @@ class Telemetry:
         """Write the record to every sink; a failing sink is counted and logged, never raised."""
         if self.log is not None and not self.log.write(encode(record.to_json())):
             self.instruments.log_failures.add(1)
-        span = None
-        if self.tracing:
+        exemplar = None
+        if self._spans is not None and record.ids.sampled:
             try:
-                span = render_spans(self.tracer, record)
+                for span in render_spans(record, self._resource):
+                    self._spans.on_end(span)
             except Exception as exc:
                 self._complain("rendering spans failed: %r", exc)
-        context = trace.set_span_in_context(span) if span is not None else None
-        record_metrics(self.instruments, record, self.cap, context)
+            ids = record.ids
+            exemplar = (ids.trace_id, ids.genai_span_id or ids.server_span_id)
+        record_metrics(self.instruments, record, self.cap, exemplar)
         self.stats.add(record)
 
     # --- the rest -------------------------------------------------------------------------------------
