@@ -25,7 +25,7 @@ import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.metrics import Meter
-from opentelemetry.propagate import extract
+from opentelemetry.propagate import extract, get_global_textmap
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, TraceBasedExemplarFilter
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -43,8 +43,8 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from otellama import __version__, ollama, semconv
+from otellama.aggregates import Aggregates, Histogram, Key, SpanRef, key_of
 from otellama.exportqueue import CountedBatchSpanProcessor
-from otellama.histograms import Histogram, Histograms, SpanRef, key_of
 from otellama.jsonlog import JsonLog, encode
 from otellama.proxy import OK, Exchange
 from otellama.record import Record, TraceIds, build
@@ -213,12 +213,13 @@ class Capper:
 class Instruments:
     """Every instrument otellama records, created once from ``semconv``'s names, units and buckets.
 
-    Histograms are aggregated by :class:`~otellama.histograms.Histograms` (13 records an exchange through
-    the SDK would cost more than the rest of telemetry together); counters go through the SDK.
+    What is recorded for every exchange is aggregated by :class:`~otellama.aggregates.Aggregates` (through
+    the SDK it would cost more than the rest of telemetry together); the rare failure counters go through
+    the SDK, which the export threads can reach without our lock.
     """
 
-    def __init__(self, meter: Meter, histograms: Histograms) -> None:
-        histogram = histograms.histogram
+    def __init__(self, meter: Meter, aggregates: Aggregates) -> None:
+        histogram = aggregates.histogram
         self.operation_duration = histogram(semconv.CLIENT_OPERATION_DURATION)
         self.token_usage = histogram(semconv.CLIENT_TOKEN_USAGE)
         self.time_to_first_chunk = histogram(semconv.CLIENT_TIME_TO_FIRST_CHUNK)
@@ -231,17 +232,15 @@ class Instruments:
         self.queue = histogram(semconv.QUEUE_DURATION)
         self.generation_throughput = histogram(semconv.GENERATION_THROUGHPUT)
         self.prompt_throughput = histogram(semconv.PROMPT_THROUGHPUT)
+        self.cold_starts = aggregates.counter(semconv.COLD_STARTS)
+        self.requests = aggregates.counter(semconv.REQUESTS)
+        self.in_flight = aggregates.counter(semconv.IN_FLIGHT, monotonic=False)
 
         def counter(metric: semconv.Metric) -> Any:
             return meter.create_counter(metric.name, unit=metric.unit, description=metric.description)
 
-        self.cold_starts = counter(semconv.COLD_STARTS)
-        self.requests = counter(semconv.REQUESTS)
         self.export_failures = counter(semconv.EXPORT_FAILURES)
         self.log_failures = counter(semconv.LOG_FAILURES)
-        self.in_flight = meter.create_up_down_counter(
-            semconv.IN_FLIGHT.name, unit=semconv.IN_FLIGHT.unit, description=semconv.IN_FLIGHT.description
-        )
 
 
 def record_metrics(
@@ -256,11 +255,11 @@ def record_metrics(
         (semconv.ERROR_TYPE, record.error_type),
         (semconv.CLIENT_NAME, cap(semconv.CLIENT_NAME, record.client) if record.client else None),
     )
-    instruments.requests.add(1, attributes)
+    key = key_of(attributes)
+    instruments.requests.add(1, key)
     if record.operation is None:
         return  # model management, health checks, blobs: counted, nothing more to measure
     i, t = instruments, record.timings
-    key = key_of(attributes)
     observations: list[tuple[Histogram, float | int | None]] = [
         (i.operation_duration, record.duration_s),
         (i.time_to_first_chunk, record.time_to_first_chunk_s if record.stream else None),
@@ -284,7 +283,7 @@ def record_metrics(
         if tokens is not None:
             i.token_usage.record(tokens, key_of({**attributes, semconv.TOKEN_TYPE: kind}), span)
     if record.cold_start:
-        i.cold_starts.add(1, attributes)
+        i.cold_starts.add(1, key)
 
 
 # --- export ---------------------------------------------------------------------------------------------
@@ -450,12 +449,10 @@ class Telemetry:
             exemplar_filter=TraceBasedExemplarFilter() if wanted else AlwaysOffExemplarFilter(),
         )
         self._own_providers.append(meter_provider)
-        self.histograms = Histograms(
-            metrics_resource, InstrumentationScope("otellama", __version__), exemplars=wanted
-        )
+        self.aggregates = Aggregates(metrics_resource, SCOPE, exemplars=wanted)
         for reader in readers:
-            self.histograms.attach(reader)
-        self.instruments = Instruments(meter_provider.get_meter("otellama", __version__), self.histograms)
+            self.aggregates.attach(reader)
+        self.instruments = Instruments(meter_provider.get_meter(SCOPE.name, SCOPE.version), self.aggregates)
 
         traces_protocol = otlp_protocol(env, "traces")
         self.tracing = tracer_provider is not None or traces_protocol is not None
@@ -486,14 +483,20 @@ class Telemetry:
         self._client_header = settings.client_header.lower().encode("latin-1")
         self._capture = capture_content(env)
         self._random = random.Random()
+        # The headers the configured propagators (OTEL_PROPAGATORS) read: traceparent, tracestate, baggage.
+        self._trace_headers = frozenset(f.lower().encode("latin-1") for f in get_global_textmap().fields)
 
     # --- Recorder --------------------------------------------------------------------------------------
     def begin(self, exchange: Exchange) -> None:
         endpoint = ollama.endpoint_for(exchange.method, exchange.path)
-        operation = {semconv.OPERATION: endpoint.operation} if endpoint is not None else {}
+        operation: Key = ((semconv.OPERATION, endpoint.operation),) if endpoint is not None else ()
         self.instruments.in_flight.add(1, operation)
-        parent_context = extract(_HeaderCarrier(exchange.request_headers))
-        parent = trace.get_current_span(parent_context).get_span_context()
+        parent_context = None
+        parent = trace.INVALID_SPAN_CONTEXT
+        fields = self._trace_headers
+        if any(name in fields for name, _ in exchange.request_headers):  # most clients send none
+            parent_context = extract(_HeaderCarrier(exchange.request_headers, fields))
+            parent = trace.get_current_span(parent_context).get_span_context()
         bits = self._random.getrandbits
         trace_id = parent.trace_id if parent.is_valid else bits(128)
         server_span_id = bits(64)
@@ -591,21 +594,17 @@ class _Tap:
     __slots__ = ("ids", "observer", "operation", "token")
 
     def __init__(
-        self, ids: TraceIds, token: contextvars.Token[otel_context.Context] | None, operation: dict[str, str]
+        self, ids: TraceIds, token: contextvars.Token[otel_context.Context] | None, operation: Key
     ) -> None:
         self.ids, self.token, self.operation = ids, token, operation
         self.observer: StreamObserver | None = None
 
 
 class _HeaderCarrier(dict[str, str]):
-    """ASGI headers as the mapping OpenTelemetry's propagators read ``traceparent`` from."""
+    """ASGI headers as the mapping OpenTelemetry's propagators read ``traceparent`` (or B3...) from."""
 
-    def __init__(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
-        super().__init__(
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in headers
-            if k in (b"traceparent", b"tracestate")
-        )
+    def __init__(self, headers: Sequence[tuple[bytes, bytes]], fields: frozenset[bytes]) -> None:
+        super().__init__((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k in fields)
 
 
 def capture_content(environ: Mapping[str, str]) -> bool:

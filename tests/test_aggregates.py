@@ -1,4 +1,4 @@
-"""otellama's own histogram aggregation gives readers what the SDK's would, for the same measurements."""
+"""otellama's own aggregation gives readers what the SDK's would, for the same measurements."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, Histogram, MeterProvider
+from opentelemetry.sdk.metrics import (
+    AlwaysOffExemplarFilter,
+    Counter,
+    Histogram,
+    MeterProvider,
+    UpDownCounter,
+)
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     HistogramDataPoint,
@@ -19,7 +25,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from otellama import semconv
-from otellama.histograms import Histograms, key_of
+from otellama.aggregates import Aggregates, key_of
 
 SCOPE = InstrumentationScope("otellama", "test")
 RESOURCE = Resource.create({"service.name": "test"})
@@ -27,7 +33,8 @@ SPEC = semconv.CLIENT_OPERATION_DURATION  # spec buckets: 0.01 ... 81.92 s
 
 
 def reader(temporality: AggregationTemporality) -> InMemoryMetricReader:
-    return InMemoryMetricReader(preferred_temporality={Histogram: temporality})
+    kinds = (Histogram, Counter, UpDownCounter)
+    return InMemoryMetricReader(preferred_temporality=dict.fromkeys(kinds, temporality))
 
 
 def metrics(reader: InMemoryMetricReader) -> dict[str, Metric]:
@@ -49,7 +56,7 @@ def twins(temporality: AggregationTemporality) -> tuple[Callable[[float, dict[st
         SPEC.name, unit=SPEC.unit, explicit_bucket_boundaries_advisory=list(SPEC.buckets or ())
     )
     MeterProvider(metric_readers=[our_reader], resource=RESOURCE)
-    ours = Histograms(RESOURCE, SCOPE, exemplars=False)
+    ours = Aggregates(RESOURCE, SCOPE, exemplars=False)
     ours.attach(our_reader)
     our_histogram = ours.histogram(SPEC)
 
@@ -108,7 +115,7 @@ def test_values_the_sdk_drops_are_dropped() -> None:
 def test_exemplars_keep_the_last_sampled_measurement_per_bucket() -> None:
     our_reader = reader(AggregationTemporality.CUMULATIVE)
     MeterProvider(metric_readers=[our_reader])
-    histograms = Histograms(RESOURCE, SCOPE, exemplars=True)
+    histograms = Aggregates(RESOURCE, SCOPE, exemplars=True)
     histograms.attach(our_reader)
     histogram = histograms.histogram(SPEC)
     key = key_of({"outcome": "ok"})
@@ -127,7 +134,7 @@ def test_exemplars_keep_the_last_sampled_measurement_per_bucket() -> None:
 def test_without_exemplars_none_are_kept() -> None:
     our_reader = reader(AggregationTemporality.CUMULATIVE)
     MeterProvider(metric_readers=[our_reader])
-    histograms = Histograms(RESOURCE, SCOPE, exemplars=False)
+    histograms = Aggregates(RESOURCE, SCOPE, exemplars=False)
     histograms.attach(our_reader)
     histograms.histogram(SPEC).record(0.5, key_of({"outcome": "ok"}), (1, 11))
     [point] = points(metrics(our_reader)[SPEC.name]).values()
@@ -137,7 +144,7 @@ def test_without_exemplars_none_are_kept() -> None:
 def test_histograms_join_the_sdks_instruments_in_one_scope() -> None:
     our_reader = reader(AggregationTemporality.CUMULATIVE)
     provider = MeterProvider(metric_readers=[our_reader], resource=RESOURCE)
-    histograms = Histograms(RESOURCE, SCOPE, exemplars=False)
+    histograms = Aggregates(RESOURCE, SCOPE, exemplars=False)
     histograms.attach(our_reader)
     provider.get_meter(SCOPE.name, SCOPE.version).create_counter("requests").add(1)
     histograms.histogram(SPEC).record(1.0, key_of({"outcome": "ok"}))
@@ -152,4 +159,34 @@ def test_histograms_join_the_sdks_instruments_in_one_scope() -> None:
 
 def test_a_reader_must_belong_to_a_provider_first() -> None:
     with pytest.raises(ValueError, match="MeterProvider"):
-        Histograms(RESOURCE, SCOPE, exemplars=False).attach(InMemoryMetricReader())
+        Aggregates(RESOURCE, SCOPE, exemplars=False).attach(InMemoryMetricReader())
+
+
+@pytest.mark.parametrize("temporality", [AggregationTemporality.CUMULATIVE, AggregationTemporality.DELTA])
+@pytest.mark.parametrize("monotonic", [True, False])
+def test_counters_match_the_sdks(temporality: AggregationTemporality, monotonic: bool) -> None:
+    spec = semconv.REQUESTS if monotonic else semconv.IN_FLIGHT
+    sdk_reader, our_reader = reader(temporality), reader(temporality)
+    meter = MeterProvider(metric_readers=[sdk_reader]).get_meter("otellama")
+    create = meter.create_counter if monotonic else meter.create_up_down_counter
+    sdk_counter = create(spec.name, unit=spec.unit, description=spec.description)
+    MeterProvider(metric_readers=[our_reader])
+    ours = Aggregates(RESOURCE, SCOPE, exemplars=False)
+    ours.attach(our_reader)
+    our_counter = ours.counter(spec, monotonic=monotonic)
+    draw = random.Random(3)
+    for _ in range(3):
+        for _ in range(200):
+            attributes = {"outcome": draw.choice(["ok", "error"])}
+            amount = 1 if monotonic or draw.random() < 0.6 else -1
+            sdk_counter.add(amount, attributes)
+            our_counter.add(amount, key_of(attributes))
+        sdk, got = metrics(sdk_reader)[spec.name], metrics(our_reader)[spec.name]
+        assert (got.unit, got.description) == (sdk.unit, sdk.description)
+        assert (got.data.is_monotonic, got.data.aggregation_temporality) == (  # type: ignore[union-attr]
+            sdk.data.is_monotonic,  # type: ignore[union-attr]
+            sdk.data.aggregation_temporality,  # type: ignore[union-attr]
+        )
+        values = {tuple(p.attributes.items()): p.value for p in got.data.data_points}  # type: ignore[union-attr]
+        want = {tuple(p.attributes.items()): p.value for p in sdk.data.data_points}  # type: ignore[union-attr]
+        assert values == want
