@@ -4,10 +4,10 @@
 (so the upstream call can carry ``traceparent`` to Ollama) and counts it in flight; after the last byte it
 builds the record and renders it. Spans are built finished, with the ids chosen up front and back-dated
 timestamps, by :func:`render_spans` (which ``otellama replay`` reuses to re-export a logged exchange
-unchanged) and handed to the tracer provider's span processors and exporters. Histograms are aggregated by
-``histograms.py``, counters by the SDK.
+unchanged) and handed to the tracer provider's span processors and exporters. The metrics recorded for every
+exchange are aggregated by ``aggregates.py``, the rare failure counters by the SDK.
 
-This module, ``histograms.py`` and ``semconv.py`` are the only ones that speak OpenTelemetry.
+This module, ``aggregates.py`` and ``semconv.py`` are the only ones that speak OpenTelemetry.
 """
 
 from __future__ import annotations
