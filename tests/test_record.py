@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import itertools
 import json
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,9 +18,11 @@ from otellama.proxy import CANCELLED, ERROR, Exchange
 from otellama.record import (
     CLIENT_NAME_LIMIT,
     CONTENT_LIMIT,
+    LABEL_LIMIT,
     Record,
     TraceIds,
     build,
+    capped,
     endpoint_of,
     parse_request,
 )
@@ -828,25 +831,157 @@ def test_with_content_capture_the_prompt_becomes_input_messages() -> None:
     assert prompt == ({"role": "user", "parts": [{"type": "text", "content": "Why?"}]},)
 
 
-def test_captured_content_is_clipped_at_the_limit() -> None:
-    long, exact = "a" * (CONTENT_LIMIT + 100), "b" * CONTENT_LIMIT
-    body = orjson.dumps(
-        {"model": "m", "messages": [{"role": "user", "content": long}, {"role": "user", "content": exact}]}
-    )
-    clipped, kept = (
-        m["parts"][0]["content"] for m in parse_request(CHAT, body, capture=True).input_messages or ()
-    )
-    assert len(clipped) == CONTENT_LIMIT  # the limit includes the mark that says text was cut
-    assert clipped == long[: CONTENT_LIMIT - 1] + "…"
-    assert kept == exact
+def size_of(messages: Sequence[dict[str, Any]] | None) -> int:
+    """Bytes of a captured list as the span attribute and the JSONL line encode it (UTF-8)."""
+    return len(orjson.dumps(list(messages or ())))
 
 
-def test_captured_output_is_clipped_at_the_limit() -> None:
-    raw = orjson.dumps(generation(response="z" * (CONTENT_LIMIT * 2), load_duration=1))
+def texts(messages: Sequence[dict[str, Any]] | None) -> list[str]:
+    return [m["parts"][0]["content"] for m in messages or ()]
+
+
+def chat_body(contents: Sequence[str], **fields: Any) -> bytes:
+    roles = itertools.cycle(("user", "assistant"))
+    messages = [{"role": role, "content": text} for role, text in zip(roles, contents, strict=False)]
+    return orjson.dumps({"model": "m", "messages": messages, **fields})
+
+
+def shaped(messages: Sequence[dict[str, Any]]) -> bool:
+    """The GenAI message shape: a role and one text part each."""
+    return all(
+        isinstance(m["role"], str)
+        and [(part["type"], type(part["content"])) for part in m["parts"]] == [("text", str)]
+        for m in messages
+    )
+
+
+def test_a_prompt_of_many_messages_is_capped_per_attribute_keeping_the_latest() -> None:
+    contents = [f"{i:03d}" + "m" * (10 * 1024 - 3) for i in range(200)]  # 2 MB of history
+    body = chat_body(contents, system="be brief")
+    messages = parse_request(CHAT, body, capture=True).input_messages or ()
+    encoded = orjson.dumps(list(messages))
+    assert CONTENT_LIMIT - 11 * 1024 < len(encoded) <= CONTENT_LIMIT  # the budget is used, not wasted
+    assert orjson.loads(encoded) == list(messages) and shaped(messages)
+    kept = texts(messages)
+    assert kept[-1] == contents[-1] and kept[1:] == contents[-len(kept) + 1 :]  # the latest turns, whole
+    assert kept[0].startswith("…") and contents[-len(kept)].endswith(kept[0][1:])  # the oldest: its end
+    roles = ["user", "assistant"] * 100
+    assert [m["role"] for m in messages] == roles[-len(kept) :]
+    # The same list reaches the JSONL line and reads back.
+    record = make(exchange("POST", "/api/chat", body), None, capture_content=True)
+    line = record.to_json()
+    assert line["input_messages"] == list(messages) and size_of(line["input_messages"]) <= CONTENT_LIMIT
+    assert Record.from_json(orjson.loads(orjson.dumps(line))).to_json() == line
+
+
+def test_one_huge_message_keeps_its_end_within_the_limit() -> None:
+    question = "... so which of these clauses applies?"
+    body = orjson.dumps({"model": "m", "prompt": "d" * (900 * 1024) + question})
+    (message,) = parse_request(GENERATE, body, capture=True).input_messages or ()
+    assert CONTENT_LIMIT - 8 <= size_of([message]) <= CONTENT_LIMIT
+    text = message["parts"][0]["content"]
+    assert text.startswith("…d") and text.endswith(question)
+
+
+@pytest.mark.parametrize(
+    "unit",
+    ["a", "é", "€", "🦙", '"', "\\", "\n", "\x01", "a" * 50 + "\x01"],
+    ids=["ascii", "2-byte", "3-byte", "4-byte", "quote", "backslash", "newline", "control", "mixed"],
+)
+def test_the_cap_counts_encoded_bytes_not_characters(unit: str) -> None:
+    huge = unit * (CONTENT_LIMIT // len(unit) + 7)
+    for contents in ([huge], [huge, "the question"], ["x" * 999, huge, huge, "the question"]):
+        messages = parse_request(CHAT, chat_body(contents), capture=True).input_messages or ()
+        assert CONTENT_LIMIT - 3 * 8 <= size_of(messages) <= CONTENT_LIMIT  # within a character or two
+        assert shaped(messages) and texts(messages)[0].startswith("…")
+
+
+@pytest.mark.parametrize("newest", [True, False], ids=["prompt", "answer"])
+def test_escapes_bunched_at_the_kept_end_still_fit_and_use_the_room(newest: bool) -> None:
+    # 6 bytes a character at the end that is kept, 1 at the end that is cut: cutting in proportion to the
+    # excess keeps cutting too little; cutting a character per byte too many fits at once.
+    heavy, light = "\x01" * 1000, "a" * (2 * CONTENT_LIMIT)
+    text = light + heavy if newest else heavy + light
+    (message,) = capped([{"role": "user", "parts": [{"type": "text", "content": text}]}], newest=newest)
+    kept = message["parts"][0]["content"]
+    assert CONTENT_LIMIT - 8 <= size_of([message]) <= CONTENT_LIMIT
+    assert kept.endswith(heavy) if newest else kept.startswith(heavy)
+
+
+def test_a_prompt_that_fits_exactly_is_kept_whole_and_one_byte_more_is_cut() -> None:
+    overhead = size_of([{"role": "user", "parts": [{"type": "text", "content": ""}]}])
+    exact = "e" * (CONTENT_LIMIT - overhead)
+    (kept,) = (
+        parse_request(GENERATE, orjson.dumps({"model": "m", "prompt": exact}), capture=True).input_messages
+        or ()
+    )
+    assert kept["parts"][0]["content"] == exact and size_of([kept]) == CONTENT_LIMIT
+    over = exact + "f"
+    (cut,) = (
+        parse_request(GENERATE, orjson.dumps({"model": "m", "prompt": over}), capture=True).input_messages
+        or ()
+    )
+    assert cut["parts"][0]["content"].startswith("…") and cut["parts"][0]["content"].endswith("f")
+    assert size_of([cut]) <= CONTENT_LIMIT
+
+
+def test_a_prompt_under_the_limit_is_captured_untouched() -> None:
+    contents = ["s" * 20_000, "t" * 20_000, "u" * 20_000]
+    messages = parse_request(CHAT, chat_body(contents), capture=True).input_messages
+    assert texts(messages) == contents
+
+
+def test_the_cap_keeps_a_suffix_of_the_conversation_whatever_the_sizes() -> None:
+    rng = random.Random(20250613)
+    alphabet = 'ab é€🦙"\\\n\x00'
+    for _ in range(60):
+        contents = [
+            "".join(rng.choices(alphabet, k=rng.choice((0, 5, 300, 4_000, 30_000, 70_000))))
+            for _ in range(rng.randint(1, 40))
+        ]
+        messages = parse_request(CHAT, chat_body(contents), capture=True).input_messages or ()
+        assert size_of(messages) <= CONTENT_LIMIT and shaped(messages)
+        kept = texts(messages)
+        if kept == contents:
+            continue  # all of it fit
+        assert kept[0].startswith("…") and contents[-len(kept)].endswith(kept[0][1:])
+        assert kept[1:] == contents[len(contents) - len(kept) + 1 :]
+
+
+def test_roles_are_capped_too() -> None:
+    body = orjson.dumps({"model": "m", "messages": [{"role": "r" * CONTENT_LIMIT, "content": "hi"}]})
+    (message,) = parse_request(CHAT, body, capture=True).input_messages or ()
+    assert message["role"] == "r" * LABEL_LIMIT and message["parts"][0]["content"] == "hi"
+
+
+def test_without_content_capture_nothing_is_captured_however_big() -> None:
+    body = chat_body(["m" * 10 * 1024] * 200)
+    assert parse_request(CHAT, body, capture=False).input_messages is None
+    line = make(exchange("POST", "/api/chat", body), None).to_json()
+    assert "input_messages" not in line and "output_messages" not in line
+    assert b"mmmm" not in orjson.dumps(line)
+
+
+def test_captured_output_keeps_the_start_of_the_answer_within_the_limit() -> None:
+    answer = "Once upon a time " + "z" * (CONTENT_LIMIT * 2) + " the end."
+    raw = orjson.dumps(generation(response=answer, load_duration=1))
     ex = exchange("POST", "/api/generate", b'{"model":"m","stream":false}', [raw])
     record = make(ex, observe([raw], JSON, capture_content=True), capture_content=True)
     (message,) = record.output_messages or ()
-    assert len(message["parts"][0]["content"]) == CONTENT_LIMIT
+    text = message["parts"][0]["content"]
+    assert text.startswith("Once upon a time zzz") and text.endswith("z…")
+    assert message["finish_reason"] == "stop"
+    assert CONTENT_LIMIT - 8 <= size_of(record.output_messages) <= CONTENT_LIMIT
+    assert size_of(record.to_json()["output_messages"]) <= CONTENT_LIMIT
+
+
+def test_captured_streamed_output_is_capped_too() -> None:
+    chunks = [orjson.dumps({"model": "m", "response": "€" * 1000, "done": False}) + b"\n" for _ in range(100)]
+    chunks.append(orjson.dumps(generation(response="", load_duration=1)) + b"\n")
+    ex = exchange("POST", "/api/generate", b'{"model":"m"}', chunks, content_type=NDJSON)
+    record = make(ex, observe(chunks, NDJSON, capture_content=True), capture_content=True)
+    assert record.outcome == "ok"
+    assert CONTENT_LIMIT - 8 <= size_of(record.output_messages) <= CONTENT_LIMIT  # 300 KB of answer
 
 
 # A "messages" value that is no list (a number, a boolean) once made parse_request raise with capture on.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import orjson
@@ -23,8 +23,15 @@ from otellama.stream import Observation
 
 #: Longest client name kept; the header is the client's to fill.
 CLIENT_NAME_LIMIT: Final = 64
-#: Longest captured message content, per attribute, when content capture is on.
+#: Largest captured message list, in bytes of its JSON encoding (UTF-8), when content capture is on: each of
+#: ``gen_ai.input.messages`` and ``gen_ai.output.messages`` (and the JSONL fields they come from) is at most
+#: this long, however many messages the request had.
 CONTENT_LIMIT: Final = 64 * 1024
+#: Longest role or finish reason kept in a captured message; the client (or upstream) fills them.
+LABEL_LIMIT: Final = 64
+#: Marks where captured content was cut: at the start of the oldest prompt message kept, at the end of
+#: the answer kept.
+CUT_MARK: Final = "…"
 
 _BLOB = re.compile(r"^/api/blobs/[^/]+$")
 _V1_MODEL = re.compile(r"^/v1/models/.+$")
@@ -67,7 +74,7 @@ class RequestFacts:
     seed: int | None = None
     max_tokens: int | None = None
     stop: tuple[str, ...] | None = None
-    #: With content capture only: the prompt as GenAI ``input.messages``.
+    #: With content capture only: the prompt as GenAI ``input.messages``, cut to CONTENT_LIMIT (``capped``).
     input_messages: tuple[dict[str, Any], ...] | None = None
 
 
@@ -79,13 +86,80 @@ def _integer(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _clip(text: str) -> str:
-    return text if len(text) <= CONTENT_LIMIT else text[: CONTENT_LIMIT - 1] + "…"
-
-
-def _message(role: str, content: object) -> dict[str, Any]:
+def _message(role: str, content: object, **extra: object) -> dict[str, Any]:
+    """A GenAI message of one text part; the text is whole here, :func:`capped` cuts what does not fit."""
     text = content if isinstance(content, str) else orjson.dumps(content).decode()
-    return {"role": role, "parts": [{"type": "text", "content": _clip(text)}]}
+    return {"role": role[:LABEL_LIMIT], "parts": [{"type": "text", "content": text}], **extra}
+
+
+def _text(message: Mapping[str, Any]) -> str:
+    text: str = message["parts"][0]["content"]
+    return text
+
+
+def _with_text(message: Mapping[str, Any], text: str) -> dict[str, Any]:
+    return {**message, "parts": [{**message["parts"][0], "content": text}]}
+
+
+def _fit(text: str, room: int, *, keep_end: bool) -> str:
+    """Close to the longest start (or end) of ``text`` whose JSON string encoding, quotes aside, fits in
+    ``room`` bytes."""
+    # Every character takes at least one byte (orjson writes UTF-8 and escapes only '"', '\\' and control
+    # characters), so no more than ``room`` characters can fit: a huge text is never encoded whole. For the
+    # same reason, cutting as many characters as there are bytes too many always fits: ``safe``. The
+    # proportional cut is usually closer (non-ASCII text takes 2-4 bytes a character), so it is tried first,
+    # a few times at most, never below ``safe``.
+    length = min(len(text), room)
+    safe = 0
+    for _ in range(4):
+        part = text[len(text) - length :] if keep_end else text[:length]
+        size = len(orjson.dumps(part)) - 2
+        if size <= room:
+            return part
+        safe = max(safe, length - (size - room))
+        length = max(safe, min(length - 1, length * room // size))
+    return text[len(text) - safe :] if keep_end else text[:safe]
+
+
+def capped(messages: Sequence[Mapping[str, Any]], *, newest: bool) -> tuple[dict[str, Any], ...]:
+    """``messages`` (one text part each), cut so that their JSON list takes at most CONTENT_LIMIT bytes.
+
+    What is kept is what lies nearest the boundary between prompt and answer. For the prompt
+    (``newest=True``), the latest messages: the last turn is what the model was asked to answer, and the
+    history before it is what a chat client resends every turn, so the record of an earlier exchange already
+    holds it. For the answer (``newest=False``), its beginning, which is how an answer is read. The message
+    where the budget runs out keeps the part of its text on that side (its end for the prompt, its start for
+    the answer) and the kept message furthest from the boundary carries :data:`CUT_MARK` on its cut side, so
+    a reader sees that content is missing. Cheap by construction: the budget goes down as messages are kept,
+    each kept message is encoded once, and nothing past the cut is encoded at all.
+    """
+    mark = len(CUT_MARK.encode())
+    order = list(reversed(messages)) if newest else list(messages)
+    # "[" and "]", and the mark's bytes, held back in case anything has to go.
+    budget = CONTENT_LIMIT - 2 - mark
+    kept: list[dict[str, Any]] = []
+    cut = False
+    for position, message in enumerate(order):
+        comma = 1 if kept else 0
+        text = _text(message)
+        if len(text) + comma <= budget + mark:  # at one byte a character it may fit whole
+            size = len(orjson.dumps(message)) + comma
+            last = position == len(order) - 1
+            # The last message needs no mark when it fits: nothing is left out after it.
+            if size <= budget or (last and size <= budget + mark):
+                kept.append(dict(message))
+                budget -= size
+                continue
+        cut = True
+        room = budget - comma - len(orjson.dumps(_with_text(message, "")))
+        if room > 0:
+            kept.append(_with_text(message, _fit(text, room, keep_end=newest)))
+        break
+    if cut and kept:
+        far = kept[-1]
+        marked = CUT_MARK + _text(far) if newest else _text(far) + CUT_MARK
+        kept[-1] = _with_text(far, marked)
+    return tuple(reversed(kept)) if newest else tuple(kept)
 
 
 def parse_request(
@@ -127,7 +201,7 @@ def parse_request(
             if isinstance(item, dict)
         )
         found.extend(_message("user", data[key]) for key in ("prompt", "input") if key in data)
-        messages = tuple(found)
+        messages = capped(found, newest=True)
     model = data.get("model")
     return RequestFacts(
         parsed=True,
@@ -443,9 +517,10 @@ def build(
     client = next((v for k, v in exchange.request_headers if k == client_header), None)
     output_messages = None
     if capture_content and observation is not None and observation.output_text is not None:
-        message = _message("assistant", observation.output_text)
-        message["finish_reason"] = observation.finish_reasons[0] if observation.finish_reasons else None
-        output_messages = (message,)
+        reason = observation.finish_reasons[0][:LABEL_LIMIT] if observation.finish_reasons else None
+        output_messages = capped(
+            [_message("assistant", observation.output_text, finish_reason=reason)], newest=False
+        )
     input_tokens = observation.usage_input_tokens if observation is not None else None
     output_tokens = observation.usage_output_tokens if observation is not None else None
     if output_tokens is None and outcome == CANCELLED and observation is not None:
