@@ -24,7 +24,7 @@ from otellama.auth import Gate
 from otellama.proxy import Proxy, Recorder
 from otellama.settings import Settings
 from otellama.telemetry import Telemetry
-from otellama.transport import AiohttpTransport
+from otellama.transport import HttpTransport
 
 log = logging.getLogger("otellama")
 
@@ -35,7 +35,7 @@ class UpstreamProbe:
     """Asks Ollama for its version every few seconds so ``/otellama/health`` can say whether it answers."""
 
     def __init__(self, url: str, interval: float) -> None:
-        self.client = httpx.AsyncClient(transport=AiohttpTransport(), trust_env=False)
+        self.client = httpx.AsyncClient(transport=HttpTransport(), trust_env=False)
         self.url = url
         self.interval = interval
         self.ok: bool | None = None  # None until the first probe finished
@@ -79,7 +79,7 @@ class App:
         self.settings = settings
         self.gate = Gate.from_settings(settings)  # None unless OTELLAMA_API_KEYS_FILE is set
         self.telemetry: Telemetry | None = None
-        self.transport = transport or AiohttpTransport()
+        self.transport = transport or HttpTransport()
         if recorder is None:
             recorder = self.telemetry = Telemetry(
                 settings, tracer_provider=tracer_provider, metric_readers=metric_readers
