@@ -311,11 +311,62 @@ def test_malformed_ndjson_is_forwarded_byte_for_byte(
     huge = httpx.post(f"{url}/api/chat", content=b'{"model":"m"}', timeout=30)
     assert hashlib.sha256(huge.content).digest() == hashlib.sha256(huge_line + b'{"done":true}\n').digest()
     first, second = read_lines(log_file, 2)
-    assert (first["outcome"], first["error_type"]) == ("error", "incomplete_stream")
-    assert second["status"] == 200  # a 10 MB line: parsing stopped at the cap, forwarding did not
+    assert (first["outcome"], first["error_type"]) == ("error", "malformed_stream")
+    assert first["error"].endswith("the stream ended without a final object")
+    # A 10 MB line: parsing stopped at the cap, forwarding did not; too long to read is not malformed.
+    assert (second["status"], second["outcome"], second["error_type"]) == (200, "ok", None)
     record_property(
-        "figure", "garbage NDJSON: identical bytes, incomplete_stream; 10 MB line: identical bytes"
+        "figure", "garbage NDJSON: identical bytes, malformed_stream; 10 MB line: identical bytes, ok"
     )
+
+
+SSE = b"text/event-stream"
+DONE_ANYWAY = {
+    "/api/generate": (
+        NDJSON,
+        [
+            b'{"model":"m","response":"It","done":false}\n',
+            b"not json at all\n",
+            b'{"model":"m","response":" is.","done":false}\n',
+            b'{"model":"m","response":"","done":true,"done_reason":"stop","eval_count":2}\n',
+        ],
+    ),
+    "/v1/chat/completions": (
+        SSE,
+        [
+            b'data: {"model":"m","choices":[{"index":0,"delta":{"content":"It"}}]}\n\n',
+            b"data: {oops\n\n",
+            b'data: {"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+            b"data: [DONE]\n\n",
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("path", list(DONE_ANYWAY), ids=["ndjson", "sse"])
+def test_garbage_before_a_proper_ending_is_recorded_as_a_malformed_stream(
+    serve: Callable[..., str], tmp_path: Path, record_property: Record, path: str
+) -> None:
+    content_type, pieces = DONE_ANYWAY[path]
+
+    async def answer(seen: Seen, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type)]}
+        )
+        for piece in pieces:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    log_file = tmp_path / "otellama.jsonl"
+    url = proxy(serve, serve(ScriptedUpstream(answer)), log_file)
+    response = httpx.post(f"{url}{path}", content=b'{"model":"m","stream":true}')
+    assert (response.status_code, response.content) == (200, b"".join(pieces))  # Ollama's bytes, untouched
+    [line] = read_lines(log_file, 1)
+    # The stream ended properly, but not every line was Ollama's protocol: no clean success.
+    assert (line["status"], line["outcome"], line["error_type"]) == (200, "error", "malformed_stream")
+    assert "not a JSON object; the stream still ended with a final object" in line["error"]
+    assert line["finish_reasons"] == ["stop"]  # what the proper ending said is kept
+    record_property("figure", f"{path}: garbage then a proper ending: identical bytes, malformed_stream")
 
 
 def test_busy_storm_every_client_gets_ollamas_503(

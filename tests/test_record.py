@@ -26,7 +26,7 @@ from otellama.record import (
     endpoint_of,
     parse_request,
 )
-from otellama.stream import Observation, StreamObserver
+from otellama.stream import BODY_CAP, LINE_CAP, Observation, StreamObserver
 from tests import captures
 from tests.conftest import API_FIXTURES
 
@@ -678,6 +678,122 @@ def test_v1_stream_cut_before_its_finish_is_incomplete() -> None:
     capture = BY_NUMBER["44"]
     record = record_of(capture, chunks=capture.chunks()[:3])
     assert (record.outcome, record.error_type) == (ERROR, "incomplete_stream")
+
+
+GARBAGE = [b"not json at all\n", b'{"model":"m","response":"b",\n', b"\x00\xff\xfe\n", b"[1,2,3]\n"]
+
+
+def ndjson_stream(*garbage: bytes, final: bool = True) -> list[bytes]:
+    """A native stream of a few tokens with ``garbage`` lines among them, and its final object."""
+    tokens = [orjson.dumps({"model": "m", "response": t, "done": False}) + b"\n" for t in ("It", " is", ".")]
+    ending = [orjson.dumps(generation(response="", load_duration=1, eval_count=3)) + b"\n"] if final else []
+    return [tokens[0], *garbage, *tokens[1:], *ending]
+
+
+@pytest.mark.parametrize("garbage", GARBAGE, ids=["text", "torn-object", "binary", "array"])
+def test_garbage_then_a_final_object_is_a_malformed_stream(garbage: bytes) -> None:
+    chunks = ndjson_stream(garbage)
+    observation = observe(chunks, NDJSON)
+    assert observation.done and observation.malformed  # the observer saw both
+    record = make(
+        exchange("POST", "/api/generate", b'{"model":"m"}', chunks, content_type=NDJSON), observation
+    )
+    assert (record.status, record.outcome, record.error_type) == (200, ERROR, "malformed_stream")
+    assert record.error == (
+        "malformed stream from upstream: an NDJSON line was not a JSON object; "
+        "the stream still ended with a final object"
+    )
+    assert (record.output_tokens, record.done_reason) == (3, "stop")  # the final object's facts stay
+    line = record.to_json()
+    assert Record.from_json(orjson.loads(orjson.dumps(line))).to_json() == line
+
+
+def test_garbage_without_a_final_object_is_malformed_and_says_it_ended_early() -> None:
+    chunks = ndjson_stream(*GARBAGE, final=False)
+    ex = exchange("POST", "/api/generate", b'{"model":"m"}', chunks, content_type=NDJSON)
+    record = make(ex, observe(chunks, NDJSON))
+    assert (record.outcome, record.error_type) == (ERROR, "malformed_stream")
+    assert record.error is not None and record.error.endswith("the stream ended without a final object")
+
+
+def test_garbage_before_the_first_content_is_malformed_too() -> None:
+    chunks = [b"<html>502 Bad Gateway</html>\n", *ndjson_stream()]
+    ex = exchange("POST", "/api/generate", b'{"model":"m"}', chunks, content_type=NDJSON)
+    assert make(ex, observe(chunks, NDJSON)).error_type == "malformed_stream"
+
+
+def test_a_v1_stream_with_a_garbage_event_is_malformed() -> None:
+    capture = BY_NUMBER["44"]
+    chunks = capture.chunks()
+    chunks.insert(len(chunks) - 2, b"data: {not json\n\n")
+    record = record_of(capture, chunks=chunks)
+    assert (record.outcome, record.error_type) == (ERROR, "malformed_stream")
+    assert record.error is not None and "an SSE data event was not a JSON object" in record.error
+    assert "still ended with" in record.error
+
+
+@pytest.mark.parametrize(
+    ("path", "error_type"),
+    [("/api/chat", "malformed_body"), ("/api/embed", "malformed_body"), ("/api/future", None)],
+)
+def test_a_body_that_is_no_json_object_is_malformed_on_genai_endpoints(
+    path: str, error_type: str | None
+) -> None:
+    for body in (b"<html>oops</html>", b'{"model":"m","message":', b"[0.1,0.2]"):
+        record = make(exchange("POST", path, b'{"model":"m"}', [body]), observe([body], JSON))
+        # An unknown path may well answer a JSON array: only the GenAI endpoints promise an object.
+        assert (record.outcome, record.error_type) == ((ERROR, error_type) if error_type else ("ok", None))
+
+
+@pytest.mark.parametrize(
+    ("facts", "expected"),
+    [
+        ({"outcome": CANCELLED, "error": "client disconnected", "error_type": CANCELLED}, CANCELLED),
+        ({"outcome": ERROR, "error": "otellama: ... timed out", "error_type": "timeout"}, "timeout"),
+    ],
+)
+def test_the_client_leaving_or_a_transport_failure_explains_garbage_first(
+    facts: dict[str, Any], expected: str
+) -> None:
+    chunks = ndjson_stream(*GARBAGE, final=False)
+    ex = exchange("POST", "/api/generate", b'{"model":"m"}', chunks, content_type=NDJSON, **facts)
+    assert make(ex, observe(chunks, NDJSON)).error_type == expected
+
+
+def test_ollamas_own_error_explains_garbage_first() -> None:
+    error_line = b'{"error":"an error was encountered while running the model"}\n'
+    chunks = [*ndjson_stream(*GARBAGE, final=False), error_line]
+    ex = exchange("POST", "/api/generate", b'{"model":"m"}', chunks, content_type=NDJSON)
+    assert make(ex, observe(chunks, NDJSON)).error_type == "stream_error"
+    ex = exchange("POST", "/api/chat", b'{"model":"m"}', [b"<html>"], status=502)
+    assert make(ex, observe([b"<html>"], JSON)).error_type == "502"
+
+
+def test_lines_and_bodies_past_the_caps_are_not_malformed() -> None:
+    # A long-context final object carries "context" (megabytes), a big embedding batch is a big body: both
+    # are Ollama's data, parsed only up to a cap (truncated), never malformed.
+    final = orjson.dumps(generation(response="", load_duration=1, context=list(range(700_000)))) + b"\n"
+    assert len(final) > LINE_CAP
+    chunks = [*ndjson_stream(final=False), final[:1000], final[1000:]]
+    observation = observe(chunks, NDJSON)
+    assert (observation.truncated, observation.malformed) == (True, False)
+    ex = exchange("POST", "/api/generate", b'{"model":"m"}', chunks, content_type=NDJSON)
+    record = make(ex, observation)
+    assert (record.outcome, record.error) == ("ok", None)
+    body = orjson.dumps({"model": "m", "embeddings": [[0.123456789] * 1024] * 700})
+    assert len(body) > BODY_CAP
+    observation = observe([body[: len(body) // 2], body[len(body) // 2 :]], JSON)
+    assert (observation.truncated, observation.malformed) == (True, False)
+    record = make(exchange("POST", "/api/embed", b'{"model":"m"}', [body]), observation)
+    assert (record.outcome, record.error_type) == ("ok", None)
+
+
+@pytest.mark.parametrize("capture", ALL, ids=[c.name for c in ALL])
+def test_no_real_recording_is_malformed(capture: captures.Capture) -> None:
+    for capture_content in (False, True):
+        observation = observe(capture.chunks(), capture.content_type, capture_content=capture_content)
+        assert (observation.malformed, observation.truncated) == (False, False)
+    assert record_of(capture).error_type not in ("malformed_stream", "malformed_body")
 
 
 def test_transport_failure_from_the_proxy_passes_through() -> None:

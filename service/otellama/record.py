@@ -467,8 +467,16 @@ class Record:
         )
 
 
-def _outcome(exchange: Exchange, observation: Observation | None) -> tuple[str, str | None, str | None]:
-    """(outcome, error message, error.type): transport facts first, then HTTP status, then the body."""
+def _outcome(
+    exchange: Exchange, observation: Observation | None, genai: bool
+) -> tuple[str, str | None, str | None]:
+    """(outcome, error message, error.type): transport facts first, then HTTP status, then the body.
+
+    A body is judged by what explains the exchange best: the client leaving or the transport failing, then
+    Ollama's own error (a status, an ``{"error"}`` line), then bytes that are not Ollama's protocol, then a
+    stream that ended early. Malformed comes before incomplete because garbage is the likelier cause of a
+    missing final object (the error text says whether the final object came).
+    """
     if exchange.outcome != OK:
         return exchange.outcome, exchange.error, exchange.error_type
     body_error = observation.error if observation is not None else None
@@ -480,6 +488,18 @@ def _outcome(exchange: Exchange, observation: Observation | None) -> tuple[str, 
     if body_error is not None:
         return ERROR, body_error, "stream_error"  # Ollama's {"error"} line after a 200
     streamed = observation.framing in (ollama.Framing.NDJSON, ollama.Framing.SSE)
+    # The client got the bytes as they came, but an exchange that carried something other than Ollama's
+    # protocol is no clean success: the answer may be missing a part, or something else is answering.
+    # Streams are held to the protocol on every path (as for incomplete_stream); a non-streamed body only
+    # on the GenAI endpoints, whose answer Ollama documents as an object: an unknown path may answer a JSON
+    # array. Lines past a cap are never malformed (``truncated``: a huge final object is still Ollama's).
+    if observation.malformed and (streamed or genai):
+        if not streamed:
+            return ERROR, "malformed body from upstream: not a JSON object", "malformed_body"
+        what = "an SSE data event" if observation.framing == ollama.Framing.SSE else "an NDJSON line"
+        ending = "the stream still ended with" if observation.done else "the stream ended without"
+        message = f"malformed stream from upstream: {what} was not a JSON object; {ending} a final object"
+        return ERROR, message, "malformed_stream"
     if streamed and not observation.done and not observation.truncated:
         return ERROR, "stream ended without a final object", "incomplete_stream"
     return OK, None, None
@@ -505,7 +525,7 @@ def build(
     """Make the record of a finished exchange. Pure: the same inputs give the same record."""
     endpoint = ollama.endpoint_for(exchange.method, exchange.path)
     request = parse_request(endpoint, exchange.request_body, capture=capture_content)
-    outcome, error, error_type = _outcome(exchange, observation)
+    outcome, error, error_type = _outcome(exchange, observation, endpoint is not None)
     if exchange.outcome == CANCELLED and observation is not None and observation.content_chunks:
         error = f"client disconnected after {observation.content_chunks} content chunks"
 
