@@ -422,14 +422,13 @@ def test_blob_path_tricks_reach_ollama_verbatim_and_never_otellama(
 
 
 # --- what must not leak or grow -----------------------------------------------------------------------------
-def test_captured_content_is_capped_per_message(
+def test_captured_content_is_capped_per_attribute(
     serve: Callable[..., str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from otellama.proxy import BODY_CAPTURE_LIMIT
     from otellama.record import CONTENT_LIMIT
 
     monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "SPAN_ONLY")
@@ -451,22 +450,30 @@ def test_captured_content_is_capped_per_message(
     url = serve(
         create_app(Settings(upstream=Upstream.parse(upstream), log_file=log_file), tracer_provider=provider)
     )
-    messages = [{"role": "user", "content": "q" * 3 * CONTENT_LIMIT} for _ in range(4)]  # 768 KiB of prompt
-    response = httpx.post(f"{url}/api/chat", json={"model": "m", "messages": messages, "stream": False})
-    assert response.status_code == 200 and len(response.content) > 5 * CONTENT_LIMIT  # the client gets it all
-    [line] = read_lines(log_file, 1)
-    [genai] = [span for span in spans.get_finished_spans() if span.name == "chat m"]
-    attributes = genai.attributes or {}
-    recorded_in = orjson.loads(str(attributes["gen_ai.input.messages"]))
-    recorded_out = orjson.loads(str(attributes["gen_ai.output.messages"]))
-    for recorded in (recorded_in, line["input_messages"], recorded_out, line["output_messages"]):
-        for message in recorded:
-            assert len(message["parts"][0]["content"]) == CONTENT_LIMIT  # each message's text is capped
-    assert len(recorded_in) == 4
-    # Per message, not per attribute: a prompt of many messages makes an attribute of up to the body the
-    # proxy keeps for parsing (BODY_CAPTURE_LIMIT); past that the body is not parsed at all.
-    assert 4 * CONTENT_LIMIT < len(str(attributes["gen_ai.input.messages"])) < BODY_CAPTURE_LIMIT
-    assert len(str(attributes["gen_ai.output.messages"])) < CONTENT_LIMIT + 200
+    many = [{"role": "user", "content": f"{i:03d}" + "q" * 4000} for i in range(200)]  # 800 KB of prompt
+    one = [{"role": "user", "content": "q" * 3 * CONTENT_LIMIT + "?"}]  # one 192 KiB message
+    for messages in (many, one):
+        response = httpx.post(f"{url}/api/chat", json={"model": "m", "messages": messages, "stream": False})
+        # The client gets it all.
+        assert response.status_code == 200 and len(response.content) > 5 * CONTENT_LIMIT
+    lines = read_lines(log_file, 2)
+    genai = [span for span in spans.get_finished_spans() if span.name == "chat m"]
+    assert len(lines) == len(genai) == 2
+    for messages, line, span in zip((many, one), lines, genai, strict=True):
+        attributes = span.attributes or {}
+        for name, field in (
+            ("gen_ai.input.messages", "input_messages"),
+            ("gen_ai.output.messages", "output_messages"),
+        ):
+            encoded = str(attributes[name]).encode()
+            assert len(encoded) <= CONTENT_LIMIT  # per attribute, however many messages (UTF-8 bytes)
+            assert orjson.loads(encoded) == line[field]
+            assert len(orjson.dumps(line[field])) <= CONTENT_LIMIT
+        kept = [m["parts"][0]["content"] for m in line["input_messages"]]
+        # The latest messages are kept, the oldest one kept marked where it was cut.
+        assert messages[-1]["content"].endswith(kept[-1].removeprefix("…")) and kept[0].startswith("…")
+        [out] = line["output_messages"]
+        assert out["parts"][0]["content"].startswith("zzz") and out["parts"][0]["content"].endswith("…")
 
 
 def test_invented_model_and_client_names_leave_the_series_count_bounded(
