@@ -181,6 +181,29 @@ async def test_framed_responses_keep_the_connection(
     assert up.connections == 1
 
 
+async def test_an_unread_rest_of_a_response_does_not_leak_into_the_next(
+    serve: Serve, transport: HttpTransport
+) -> None:
+    async def script(up: RawUpstream, reader: Reader, writer: Writer) -> None:
+        await up.request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\none\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"3\r\ntwo\r\n0\r\n\r\n")  # all of it arrives, but the reader has stopped
+        await answer_all(up, reader, writer)
+
+    up = await serve(script)
+    response = await transport.handle_async_request(request("GET", up.url + "/api/generate"))
+    async for chunk in response.stream:  # type: ignore[union-attr]
+        assert chunk == b"one"
+        await asyncio.sleep(0.2)  # the client left; meanwhile the response completed
+        break
+    await response.aclose()
+    _, body = await fetch(transport, request("GET", up.url + "/"))
+    assert body == b"ok"
+    assert up.connections == 1  # complete, so reused: minus what was left unread
+
+
 async def test_a_head_response_has_no_body_whatever_its_content_length(
     serve: Serve, transport: HttpTransport
 ) -> None:

@@ -204,6 +204,13 @@ class _Connection(asyncio.Protocol):
         """Idle in the pool: any byte from now on is unexpected (see data_received)."""
         self.idle_since = self.loop.time()
         self._parser = None
+        # The caller may have stopped reading a response that had all arrived (its client left): what it
+        # left unread must not become the start of the next response on this connection.
+        self._chunks.clear()
+        self._buffered = 0
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
 
     def write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
