@@ -41,6 +41,9 @@ _HOP_BY_HOP = frozenset(
 #: forwarded all the same and the record says the body was not parsed.
 BODY_CAPTURE_LIMIT = 1 << 20
 
+# Methods that define a body: sent "Content-Length: 0" when it is empty, as httpx does (RFC 9110 §8.6).
+_LENGTH_REQUIRED = frozenset({"POST", "PUT", "PATCH"})
+
 OK, ERROR, CANCELLED = "ok", "error", "cancelled"
 _T = TypeVar("_T")
 
@@ -212,14 +215,7 @@ class Proxy:
         target = scope.get("raw_path", path.encode()) + (b"?" + exchange.query if exchange.query else b"")
         response: httpx.Response | None = None
         try:
-            request = httpx.Request(
-                exchange.method,
-                self._url(target),
-                headers=headers,
-                content=content,
-                # httpx.URL drops "." and ".." segments: the target goes verbatim in httpcore's extension.
-                extensions={"timeout": self._timeout, "target": self._prefix + target},
-            )
+            request = self._request(exchange.method, target, headers, content)
             response = await self.transport.handle_async_request(request)
             exchange.t_headers = time.perf_counter()
             await self._relay(response, exchange, send, state)
@@ -249,6 +245,28 @@ class Proxy:
             if recorder is not None:
                 _guarded(recorder.finish, exchange)
 
+    def _request(
+        self,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        content: bytes | AsyncIterator[bytes],
+    ) -> httpx.Request:
+        url = self._url(target)
+        # httpx.URL drops "." and ".." segments: the target goes verbatim in httpcore's extension.
+        extensions = {"timeout": self._timeout, "target": self._prefix + target}
+        if not isinstance(content, bytes):
+            return httpx.Request(method, url, headers=headers, content=content, extensions=extensions)
+        # A body already in memory (nearly every request): given as content=, httpx encodes it and builds
+        # the headers twice, ~8 µs. Framed here as httpx would frame it, and handed over already read.
+        if (content or method in _LENGTH_REQUIRED) and not any(k == b"content-length" for k, _ in headers):
+            headers.append((b"content-length", b"%d" % len(content)))
+        request = httpx.Request(
+            method, url, headers=headers, stream=httpx.ByteStream(content), extensions=extensions
+        )
+        request.read()
+        return request
+
     def _url(self, target: bytes) -> httpx.URL:
         # Parsing a URL costs ~9 µs and Ollama clients use a handful of paths: remember them (bounded,
         # as blob digests and query strings are unbounded).
@@ -267,8 +285,12 @@ class Proxy:
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         state.response_started = True
         size = chunks = 0
+        stream = response.stream
+        assert isinstance(stream, httpx.AsyncByteStream)
         try:
-            async for chunk in response.aiter_raw():
+            # The transport's stream itself, not aiter_raw(), which only counts and re-chunks (for a
+            # chunk_size we never set) in one more async generator per chunk.
+            async for chunk in stream:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 now = time.perf_counter()
                 if not chunks:
