@@ -77,7 +77,7 @@ Serve = Callable[[Callable[[RawUpstream, Reader, Writer], Awaitable[None]]], Awa
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Serve]:
+async def raw() -> AsyncIterator[Serve]:
     made: list[RawUpstream] = []
 
     async def make(script: Callable[[RawUpstream, Reader, Writer], Awaitable[None]]) -> RawUpstream:
@@ -125,10 +125,8 @@ async def fetch(transport: HttpTransport, req: httpx.Request) -> tuple[httpx.Res
     return response, body
 
 
-async def test_the_request_goes_out_verbatim_with_nothing_added(
-    serve: Serve, transport: HttpTransport
-) -> None:
-    up = await serve(answer_all)
+async def test_the_request_goes_out_verbatim_with_nothing_added(raw: Serve, transport: HttpTransport) -> None:
+    up = await raw(answer_all)
     req = request(
         "POST",
         up.url + "/api/blobs/x",
@@ -146,9 +144,9 @@ async def test_the_request_goes_out_verbatim_with_nothing_added(
 
 
 async def test_a_fully_read_response_leaves_its_connection_for_the_next(
-    serve: Serve, transport: HttpTransport
+    raw: Serve, transport: HttpTransport
 ) -> None:
-    up = await serve(answer_all)
+    up = await raw(answer_all)
     for _ in range(5):
         _, body = await fetch(transport, request("GET", up.url + "/api/tags"))
         assert body == b"ok"
@@ -166,14 +164,14 @@ async def test_a_fully_read_response_leaves_its_connection_for_the_next(
     ],
 )
 async def test_framed_responses_keep_the_connection(
-    serve: Serve, transport: HttpTransport, response: bytes, body: bytes
+    raw: Serve, transport: HttpTransport, response: bytes, body: bytes
 ) -> None:
     async def script(up: RawUpstream, reader: Reader, writer: Writer) -> None:
         await up.request(reader)
         writer.write(response)
         await answer_all(up, reader, writer)
 
-    up = await serve(script)
+    up = await raw(script)
     _, got = await fetch(transport, request("GET", up.url + "/"))
     assert got == body
     _, got = await fetch(transport, request("GET", up.url + "/"))
@@ -182,7 +180,7 @@ async def test_framed_responses_keep_the_connection(
 
 
 async def test_an_unread_rest_of_a_response_does_not_leak_into_the_next(
-    serve: Serve, transport: HttpTransport
+    raw: Serve, transport: HttpTransport
 ) -> None:
     async def script(up: RawUpstream, reader: Reader, writer: Writer) -> None:
         await up.request(reader)
@@ -192,7 +190,7 @@ async def test_an_unread_rest_of_a_response_does_not_leak_into_the_next(
         writer.write(b"3\r\ntwo\r\n0\r\n\r\n")  # all of it arrives, but the reader has stopped
         await answer_all(up, reader, writer)
 
-    up = await serve(script)
+    up = await raw(script)
     response = await transport.handle_async_request(request("GET", up.url + "/api/generate"))
     async for chunk in response.stream:  # type: ignore[union-attr]
         assert chunk == b"one"
@@ -205,14 +203,14 @@ async def test_an_unread_rest_of_a_response_does_not_leak_into_the_next(
 
 
 async def test_a_head_response_has_no_body_whatever_its_content_length(
-    serve: Serve, transport: HttpTransport
+    raw: Serve, transport: HttpTransport
 ) -> None:
     async def script(up: RawUpstream, reader: Reader, writer: Writer) -> None:
         await up.request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\ncontent-type: text/plain\r\n\r\n")
         await answer_all(up, reader, writer)
 
-    up = await serve(script)
+    up = await raw(script)
     response, body = await fetch(transport, request("HEAD", up.url + "/"))
     assert (response.status_code, body, response.headers["content-length"]) == (200, b"", "1234")
     _, body = await fetch(transport, request("GET", up.url + "/"))
@@ -220,20 +218,20 @@ async def test_a_head_response_has_no_body_whatever_its_content_length(
     assert up.connections == 1
 
 
-async def test_a_body_delimited_by_the_close_ends_there(serve: Serve, transport: HttpTransport) -> None:
+async def test_a_body_delimited_by_the_close_ends_there(raw: Serve, transport: HttpTransport) -> None:
     async def script(up: RawUpstream, reader: Reader, writer: Writer) -> None:
         await up.request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")
 
-    up = await serve(script)
+    up = await raw(script)
     _, body = await fetch(transport, request("GET", up.url + "/"))
     assert body == b"all of it"
 
 
 async def test_a_streamed_body_goes_out_chunked_or_by_its_length(
-    serve: Serve, transport: HttpTransport
+    raw: Serve, transport: HttpTransport
 ) -> None:
-    up = await serve(answer_all)
+    up = await raw(answer_all)
 
     async def parts() -> AsyncIterator[bytes]:
         for part in (b"ab", b"", b"cde"):
@@ -248,7 +246,7 @@ async def test_a_streamed_body_goes_out_chunked_or_by_its_length(
 
 
 async def test_an_answer_before_the_body_was_read_reaches_the_caller(
-    serve: Serve, transport: HttpTransport
+    raw: Serve, transport: HttpTransport
 ) -> None:
     async def refuse(up: RawUpstream, reader: Reader, writer: Writer) -> None:
         await reader.readuntil(b"\r\n\r\n")  # the head only: the digest is wrong, the body is not wanted
@@ -256,7 +254,7 @@ async def test_an_answer_before_the_body_was_read_reaches_the_caller(
         await writer.drain()
         await up.wait_hang_up(reader)
 
-    up = await serve(refuse)
+    up = await raw(refuse)
     sent = 0
 
     async def endless() -> AsyncIterator[bytes]:
@@ -274,14 +272,14 @@ async def test_an_answer_before_the_body_was_read_reaches_the_caller(
     assert await eventually(lambda: up.hung_up == 1)
 
 
-async def test_closing_a_response_early_closes_the_socket(serve: Serve, transport: HttpTransport) -> None:
+async def test_closing_a_response_early_closes_the_socket(raw: Serve, transport: HttpTransport) -> None:
     async def stream(up: RawUpstream, reader: Reader, writer: Writer) -> None:
         await up.request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\ntoken\r\n")
         await writer.drain()
         await up.wait_hang_up(reader)
 
-    up = await serve(stream)
+    up = await raw(stream)
     response = await transport.handle_async_request(request("POST", up.url + "/api/generate", content=b"{}"))
     async for chunk in response.stream:  # type: ignore[union-attr]
         assert chunk == b"token"
@@ -292,7 +290,7 @@ async def test_closing_a_response_early_closes_the_socket(serve: Serve, transpor
 
 @pytest.mark.parametrize("how", ["close", "reset"])
 async def test_the_upstream_going_away_mid_body_is_an_error(
-    serve: Serve, transport: HttpTransport, how: str
+    raw: Serve, transport: HttpTransport, how: str
 ) -> None:
     async def dies(up: RawUpstream, reader: Reader, writer: Writer) -> None:
         await up.request(reader)
@@ -304,7 +302,7 @@ async def test_the_upstream_going_away_mid_body_is_an_error(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         writer.close()
 
-    up = await serve(dies)
+    up = await raw(dies)
     response = await transport.handle_async_request(request("GET", up.url + "/"))
     received = b""
     with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
@@ -346,7 +344,7 @@ async def test_connect_timeout(transport: HttpTransport) -> None:
                 filler.close()
 
 
-async def test_read_timeout_only_when_configured(serve: Serve, transport: HttpTransport) -> None:
+async def test_read_timeout_only_when_configured(raw: Serve, transport: HttpTransport) -> None:
     async def slow(up: RawUpstream, reader: Reader, writer: Writer) -> None:
         await up.request(reader)
         await asyncio.sleep(0.5)  # a model load
@@ -354,7 +352,7 @@ async def test_read_timeout_only_when_configured(serve: Serve, transport: HttpTr
         await writer.drain()
         await up.wait_hang_up(reader)
 
-    up = await serve(slow)
+    up = await raw(slow)
     impatient = request("GET", up.url + "/", extensions={"timeout": {"connect": 5, "read": 0.1}})
     with pytest.raises(httpx.ReadTimeout):
         await transport.handle_async_request(impatient)
@@ -365,7 +363,7 @@ async def test_read_timeout_only_when_configured(serve: Serve, transport: HttpTr
 
 @pytest.mark.parametrize(("method", "retried"), [("GET", True), ("DELETE", True), ("POST", False)])
 async def test_a_keep_alive_connection_closed_by_the_upstream_is_retried_only_when_safe(
-    serve: Serve, transport: HttpTransport, method: str, retried: bool
+    raw: Serve, transport: HttpTransport, method: str, retried: bool
 ) -> None:
     async def one_then_drop(up: RawUpstream, reader: Reader, writer: Writer) -> None:
         await up.request(reader)
@@ -378,7 +376,7 @@ async def test_a_keep_alive_connection_closed_by_the_upstream_is_retried_only_wh
         else:
             await answer_all(up, reader, writer)
 
-    up = await serve(one_then_drop)
+    up = await raw(one_then_drop)
     await fetch(transport, request(method, up.url + "/", content=b"{}"))
     second = request(method, up.url + "/", content=b"{}")
     if retried:
@@ -392,14 +390,14 @@ async def test_a_keep_alive_connection_closed_by_the_upstream_is_retried_only_wh
 
 
 async def test_a_connection_the_upstream_closed_while_idle_is_not_used(
-    serve: Serve, transport: HttpTransport
+    raw: Serve, transport: HttpTransport
 ) -> None:
     async def one_per_connection(up: RawUpstream, reader: Reader, writer: Writer) -> None:
         await up.request(reader)
         writer.write(OK)  # keep-alive by HTTP/1.1's default, but the server closes after all
         await writer.drain()
 
-    up = await serve(one_per_connection)
+    up = await raw(one_per_connection)
     await fetch(transport, request("POST", up.url + "/", content=b"{}"))
     await asyncio.sleep(0.05)  # the FIN has arrived
     _, body = await fetch(transport, request("POST", up.url + "/", content=b"{}"))
@@ -407,17 +405,43 @@ async def test_a_connection_the_upstream_closed_while_idle_is_not_used(
     assert up.connections == 2
 
 
-async def test_idle_connections_expire(serve: Serve) -> None:
+async def test_idle_connections_expire(raw: Serve) -> None:
     async def script(up: RawUpstream, reader: Reader, writer: Writer) -> None:
         await up.request(reader)
         writer.write(OK)
         await writer.drain()
         await up.wait_hang_up(reader)
 
-    up = await serve(script)
+    up = await raw(script)
     transport = HttpTransport(keepalive_expiry=0.1)
     try:
         await fetch(transport, request("GET", up.url + "/"))
         assert await eventually(lambda: up.hung_up == 1)
     finally:
         await transport.aclose()
+
+
+async def test_a_reader_slower_than_the_upstream_holds_the_upstream_back(
+    raw: Serve, transport: HttpTransport
+) -> None:
+    size, block = 256 << 20, b"x" * (1 << 16)
+    written = 0
+
+    async def fast(up: RawUpstream, reader: Reader, writer: Writer) -> None:
+        nonlocal written
+        await up.request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
+        while written < size:
+            writer.write(block)
+            await writer.drain()
+            written += len(block)
+
+    up = await raw(fast)
+    response = await transport.handle_async_request(request("GET", up.url + "/api/pull"))
+    await asyncio.sleep(0.5)  # a client that reads nothing for a while
+    assert written < 64 << 20  # kernel buffers and our 128 KiB, not the whole body
+    received = 0
+    async for chunk in response.stream:  # type: ignore[union-attr]
+        received += len(chunk)
+    await response.aclose()
+    assert received == size

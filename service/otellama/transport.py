@@ -58,7 +58,7 @@ import httptools
 import httpx
 
 #: Response bytes buffered for a consumer that is not reading before the upstream socket stops being read.
-READ_HIGH_WATER: Final = 256 * 1024
+READ_HIGH_WATER: Final = 128 * 1024
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _CRLF: Final = b"\r\n"
 
@@ -329,7 +329,11 @@ class _ResponseStream(httpx.AsyncByteStream):
 
 
 class HttpTransport(httpx.AsyncBaseTransport):
-    """Send httpx requests over pooled HTTP/1.1 connections (see the module docstring for what it keeps)."""
+    """Send httpx requests over pooled HTTP/1.1 connections (see the module docstring for what it keeps).
+
+    Its connections belong to the event loop that opened them: one transport per loop, closed with
+    :meth:`aclose` before that loop ends (as the app does at shutdown).
+    """
 
     def __init__(self, *, keepalive_expiry: float = 60.0) -> None:
         self._keepalive_expiry = keepalive_expiry
