@@ -1,7 +1,8 @@
 """otellama's proxy with telemetry off, for the benchmark's "telemetry off" column.
 
 The product has no switch for this (the JSONL log and /otellama/metrics are always wanted); the benchmark
-swaps in a recorder that does nothing, so the figures show the byte path alone.
+swaps in a recorder that does nothing, so the figures show the byte path alone. Everything else is as
+``otellama serve`` runs it, the guarded client protocol (connection.py) included.
 
 Usage: python bench/plain_proxy.py --host 127.0.0.1 --port 11435 --upstream http://127.0.0.1:11434
 """
@@ -13,7 +14,7 @@ from collections.abc import Callable
 
 import uvicorn
 
-from otellama import server
+from otellama import connection, server
 from otellama.app import create_app
 from otellama.proxy import Exchange
 from otellama.settings import Settings
@@ -42,7 +43,14 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings.from_env(host=args.host, port=args.port, upstream=args.upstream)
     app = create_app(settings, recorder=NoTelemetry())
-    uvicorn.Server(server.config(app, settings.host, settings.port)).run()
+    config = server.config(
+        app,
+        settings.host,
+        settings.port,
+        http=connection.protocol(settings.client_timeout),
+        timeout_graceful_shutdown=settings.shutdown_grace,
+    )
+    uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":
