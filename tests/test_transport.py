@@ -445,3 +445,22 @@ async def test_a_reader_slower_than_the_upstream_holds_the_upstream_back(
         received += len(chunk)
     await response.aclose()
     assert received == size
+
+
+async def test_a_reset_is_no_end_for_a_body_delimited_by_the_close(
+    raw: Serve, transport: HttpTransport
+) -> None:
+    async def resets(up: RawUpstream, reader: Reader, writer: Writer) -> None:
+        await up.request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\npartial")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+    up = await raw(resets)
+    response = await transport.handle_async_request(request("GET", up.url + "/"))
+    with pytest.raises(httpx.ReadError):
+        async for chunk in response.stream:  # type: ignore[union-attr]
+            assert chunk == b"partial"
+    await response.aclose()

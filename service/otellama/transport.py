@@ -74,7 +74,6 @@ class _Connection(asyncio.Protocol):
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.closed = False  # the socket is gone (or going): never reused
-        self.requests = 0  # requests started on this connection; more than one means it was pooled
         self.idle_since = 0.0
         self._parser: httptools.HttpResponseParser | None = None
         self._head_request = False
@@ -120,8 +119,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._parser is not None and not self.complete:
-            if self.headers_done and not self._framed:
-                self.complete = True  # a body delimited by the connection's close ends here
+            if self.headers_done and not self._framed and exc is None:
+                self.complete = True  # a body delimited by the connection's close (not a reset) ends
             elif not self._received:
                 self._fail(_Stale("Server disconnected without sending a response."))
             elif exc is not None:
@@ -190,7 +189,6 @@ class _Connection(asyncio.Protocol):
     # --- used by the transport --------------------------------------------------------------------------
     def begin(self, head_request: bool, read_timeout: float | None) -> None:
         """Reset for a new exchange (with a fresh parser: a HEAD response leaves one expecting a body)."""
-        self.requests += 1
         self._read_timeout = read_timeout
         self._parser = httptools.HttpResponseParser(self)
         self._head_request = head_request
@@ -299,9 +297,7 @@ async def _send_body(conn: _Connection, stream: httpx.AsyncByteStream, chunked: 
         if chunked:
             conn.write(b"0\r\n\r\n")
         conn.request_sent = True
-    except asyncio.CancelledError:
-        raise
-    except BaseException as exc:  # the body's source failed (the client left): the exchange ends with it
+    except Exception as exc:  # the body's source failed (the client left): the exchange ends with it
         conn.fail_request(exc)
 
 
