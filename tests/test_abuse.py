@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from otellama import connection
 from otellama.app import create_app
 from otellama.settings import Settings, Upstream
-from tests.conftest import ScriptedUpstream, Seen
+from tests.conftest import VERSION_BODY, ScriptedUpstream, Seen
 
 
 class HashingUpstream:
@@ -390,6 +390,129 @@ def test_an_upload_waiting_on_ollama_is_not_timed_out(serve: Callable[..., str],
     response = httpx.post(f"{url}/api/blobs/sha256:abc", content=body, timeout=30)
     assert (response.status_code, response.text) == (201, str(len(body)))
     assert upstream_reading.is_set()
+
+
+# --- pipelining ---------------------------------------------------------------------------------------------
+class Answers:
+    """Pipelined HTTP/1.1 responses, parsed as they arrive: ``(status, body)`` in the order they came."""
+
+    def __init__(self) -> None:
+        import httptools
+
+        self.got: list[tuple[int, bytes]] = []
+        self._body = b""
+        self._parser = httptools.HttpResponseParser(self)
+
+    def feed(self, data: bytes) -> None:
+        self._parser.feed_data(data)
+
+    def on_body(self, body: bytes) -> None:
+        self._body += body
+
+    def on_message_complete(self) -> None:
+        self.got.append((self._parser.get_status_code(), self._body))
+        self._body = b""
+
+
+def pipeline(url: str, data: bytes, count: int, piece: int | None = None, deaf: float = 0.0) -> Answers:
+    """Write ``data`` (``piece`` bytes at a time) without waiting for answers, read nothing for ``deaf``
+    seconds, then read until ``count`` answers came or the connection closed."""
+    answers = Answers()
+    with socket.create_connection(address(url)) as sock:
+        size = piece or len(data)
+        writer = threading.Thread(
+            target=lambda: [sock.sendall(data[i : i + size]) for i in range(0, len(data), size)], daemon=True
+        )
+        writer.start()
+        time.sleep(deaf)
+        sock.settimeout(30)
+        while len(answers.got) < count and (chunk := sock.recv(1 << 20)):
+            answers.feed(chunk)
+        writer.join(30)
+    return answers
+
+
+def counting_protocol(
+    client_timeout: float | None = 60.0,
+) -> tuple[type[connection.GuardedProtocol], list[int]]:
+    """The guarded protocol, noting the longest queue of pipelined requests any of its connections reached."""
+    peak = [0]
+
+    class Counting(connection.protocol(client_timeout)):
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            peak[0] = max(peak[0], len(self.pipeline))
+
+    return Counting, peak
+
+
+def test_pipelined_requests_are_queued_a_few_at_a_time_however_many_are_sent(
+    serve: Callable[..., str],
+) -> None:
+    counting, peak = counting_protocol()
+    app = create_app(Settings(upstream=Upstream.parse(serve(ScriptedUpstream())), log_file=None))
+    url = serve(app, http=counting)
+    request = b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n"
+    count = 5000  # 190 KB: without the bound, nearly all of it is queued at once (4,999 measured)
+    answers = pipeline(url, request * count, count, deaf=0.5)  # a client that reads no answer at first
+    assert answers.got == [(200, VERSION_BODY)] * count
+    # Room for the limit plus one parser piece's worth, whatever the reads: not thousands.
+    assert peak[0] <= connection.PIPELINE_LIMIT + connection.FEED // len(request) + 1, peak
+
+
+def mixed_requests(count: int) -> tuple[bytes, list[bytes]]:
+    """Pipelined requests of every shape (no body, small, larger than a parser piece, chunked), and the
+    answer each should get from :func:`echo_request`."""
+    data, expected = b"", []
+    for i in range(count):
+        body = b'{"model":"m%d"}' % i
+        if i % 4 == 0:
+            data += b"GET /api/tags?n=%d HTTP/1.1\r\nHost: x\r\n\r\n" % i
+            body, method, path = b"", b"GET", b"/api/tags"
+        elif i % 4 == 1:
+            data += b"POST /api/show HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            method, path = b"POST", b"/api/show"
+        elif i % 4 == 2:
+            body += b" " * (3 * connection.FEED)
+            data += b"POST /api/embed HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            method, path = b"POST", b"/api/embed"
+        else:
+            half = len(body) // 2
+            data += b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            data += b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (half, body[:half], len(body) - half, body[half:])
+            method, path = b"POST", b"/api/chat"
+        expected.append(method + b" " + path + b" " + body)
+    return data, expected
+
+
+async def echo_request(seen: Seen, send: Send) -> None:
+    if seen.path == "/api/pull":  # an answer that keeps the rest waiting longer than the client timeout
+        await asyncio.sleep(3 * TIMEOUT)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": f"{seen.method} {seen.path} ".encode() + seen.body})
+
+
+@pytest.mark.parametrize(
+    ("case", "piece"), [("at once", None), ("in 37-byte pieces", 37), ("behind a long answer", None)]
+)
+def test_pipelined_requests_are_all_answered_in_order(
+    serve: Callable[..., str], case: str, piece: int | None
+) -> None:
+    upstream = ScriptedUpstream(echo_request)
+    counting, peak = counting_protocol(TIMEOUT)  # a request waiting its turn is not a slow client
+    app = create_app(Settings(upstream=Upstream.parse(serve(upstream)), log_file=None))
+    url = serve(app, http=counting)
+    data, expected = mixed_requests(240)
+    if case == "behind a long answer":
+        data = b"POST /api/pull HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}" + data
+        expected.insert(0, b"POST /api/pull {}")
+    answers = pipeline(url, data, len(expected), piece)
+    assert answers.got == [(200, answer) for answer in expected], case
+    assert [f"{s.method} {s.path} ".encode() + s.body for s in upstream.forwarded] == expected
+    # The queue stayed bounded (no request here is under 30 bytes); sent at once, it filled, so the requests
+    # held back unparsed were among those answered in order.
+    assert peak[0] <= connection.PIPELINE_LIMIT + connection.FEED // 30 + 1, peak
+    assert piece is not None or peak[0] >= connection.PIPELINE_LIMIT, peak
 
 
 # --- path tricks --------------------------------------------------------------------------------------------

@@ -16,6 +16,12 @@ would exhaust otellama's file descriptors long before Ollama saw any load. This 
   end the connection (``408`` if no response has started). The proxy sees the client leave, closes its
   request to Ollama and records the exchange as cancelled. Silence that is otellama's own doing (reading
   paused because Ollama is not taking the body yet) never counts.
+- **Pipelined requests**: at most :data:`PIPELINE_LIMIT` requests wait behind the one being answered;
+  past that, otellama stops parsing and reading the connection until answers make room. uvicorn pauses
+  reading once a request is queued, but parses every request already read (a 256 KB read of minimal
+  requests is 14,000 queued requests, ~2.4 KB each) and resumes reading after each answer, so one
+  connection pipelining 100,000 tiny requests (3 MB) grew otellama by 234 MB. A client that pipelines is
+  served in order all the same, at the pace of the answers.
 
 Nothing here touches the wait for Ollama: once a request's body is complete, the connection may stay silent
 for as long as the response takes (model loads, pulls); between requests uvicorn's keep-alive timeout
@@ -33,6 +39,7 @@ import logging
 from typing import Any, Final
 
 import orjson
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("otellama.connection")
@@ -41,6 +48,15 @@ log = logging.getLogger("otellama.connection")
 HEADER_LIMIT: Final = 64 * 1024
 #: Seconds a refused connection is kept half-open so the client can read the answer (see ``_abort``).
 LINGER: Final = 2.0
+#: Most requests a connection may have queued behind the one being answered. Real Ollama clients do not
+#: pipeline (httpx, Go's net/http, browsers never do; a benchmark might); one that does still gets every
+#: answer in order, only no faster than otellama answers, which is all pipelining could get it anyway. 16
+#: keeps the pipe full while the answers are being written, at ~40 KB of queued requests per connection.
+PIPELINE_LIMIT: Final = 16
+#: Bytes handed to the parser at a time outside a body whose length is known: one piece holds at most ~110
+#: minimal requests, so a full queue overshoots by that much, not by one read's 256 KB (14,000 requests).
+#: Bodies of known length go in whole, so uploads (blobs of several GB) pay no per-piece cost.
+FEED: Final = 2048
 
 _IDLE, _HEADERS, _BODY, _DONE = range(4)
 
@@ -53,14 +69,42 @@ def _response(status: bytes, message: str) -> bytes:
     )
 
 
+class _Flow(FlowControl):
+    """uvicorn's flow control, except that reading stays paused while the connection's queue is full.
+
+    uvicorn resumes reading whenever a response completes or the app asks for body bytes, queue or not:
+    those resumptions go through :meth:`resume_reading`, which waits for room.
+    """
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedProtocol) -> None:
+        super().__init__(transport)
+        self._protocol = protocol
+        self.wanted = True  # whether uvicorn wants to read, as it last said
+
+    def pause_reading(self) -> None:
+        self.wanted = False
+        super().pause_reading()
+
+    def resume_reading(self) -> None:
+        self.wanted = True
+        if not self._protocol.queue_full():
+            super().resume_reading()
+
+    def hold(self) -> None:
+        """Pause reading for the queue, leaving what uvicorn asked for as it was."""
+        super().pause_reading()
+
+
 class GuardedProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` with a header size cap, a header deadline and a body silence timeout.
+    """``HttpToolsProtocol`` with a header size cap, a header deadline, a body silence timeout and a
+    bounded pipeline.
 
     Configure with :func:`protocol`; the class itself uses the defaults (60 s, :data:`HEADER_LIMIT`).
     """
 
     client_timeout: float | None = 60.0
     header_limit: int = HEADER_LIMIT
+    pipeline_limit: int = PIPELINE_LIMIT
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -71,21 +115,76 @@ class GuardedProtocol(HttpToolsProtocol):
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._backlog = b""  # bytes read but left unparsed while the queue is full
+        self._draining = False  # a parse of the backlog is scheduled
+        self._body_left = 0  # body bytes of the current request still to come, by its Content-Length
 
     # --- asyncio.Protocol -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
+        # Before any request exists: every RequestResponseCycle is handed this one.
+        self.flow = self._flow = _Flow(self.transport, self)
         self._headers_since = self._last_read = self.loop.time()
         self._arm(self.client_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._backlog = b""
         self._disarm()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return  # answered and lingering: the rest of this request is discarded unparsed
+        if self._backlog:  # not expected (reading is paused meanwhile), but order must hold regardless
+            self._backlog += data
+            return
+        self._feed(data)
+
+    # --- the pipeline -----------------------------------------------------------------------------------
+    def queue_full(self) -> bool:
+        """Whether reading must stay paused; once there is room, schedules the backlog's parse first."""
+        if len(self.pipeline) >= self.pipeline_limit:
+            return True
+        if not self._backlog:
+            return False
+        if not self._draining:
+            # Not now: this runs inside uvicorn's response or receive path, which parsing would re-enter.
+            self._draining = True
+            self.loop.call_soon(self._drain)
+        return True
+
+    def _drain(self) -> None:
+        self._draining = False
+        if self._closed or self.transport.is_closing():
+            return
+        backlog, self._backlog = self._backlog, b""
+        self._feed(backlog)
+        if self._flow.wanted:
+            self._flow.resume_reading()
+
+    def _feed(self, data: bytes) -> None:
+        """Parse ``data`` a piece at a time; what follows a full queue is kept unparsed for later."""
+        view, start, end = memoryview(data), 0, len(data)
+        while start < end:
+            if len(self.pipeline) >= self.pipeline_limit:
+                self._backlog = data[start:]
+                self._flow.hold()
+                return
+            size = max(FEED, self._body_left) if self._phase == _BODY else FEED
+            self._parse(data if start == 0 and size >= end else view[start : start + size])
+            start += size
+            if self._closed or self.transport.is_closing():
+                return
+            if self._phase == _DONE and self.parser.should_upgrade():
+                return  # the parser stops at an upgrade, and the connection may be a WebSocket's now
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # resumes reading before it takes the next request off the queue,
+        if self._flow.wanted and not self._closed and not self.transport.is_closing():
+            self._flow.resume_reading()  # so ask again now that there is room
+
+    def _parse(self, data: bytes | memoryview) -> None:
         self._last_read = now = self.loop.time()
         reading_headers = self._phase != _BODY
         if reading_headers:
@@ -93,7 +192,7 @@ class GuardedProtocol(HttpToolsProtocol):
                 self._headers_since = now
                 self._arm(self.client_timeout)
             self._header_bytes += len(data)
-        super().data_received(data)
+        super().data_received(data)  # type: ignore[arg-type]  # httptools parses any buffer
         if self._phase == _HEADERS and self._header_bytes > self.header_limit and not self._closed:
             message = f"otellama: request headers larger than {self.header_limit} bytes"
             self._abort(b"431 Request Header Fields Too Large", message)
@@ -106,6 +205,7 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._phase = _HEADERS
         self._header_size = 0
+        self._body_left = 0
 
     def on_url(self, url: bytes) -> None:
         if self._closed:
@@ -117,10 +217,13 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._closed:
             return
         self._header_size += len(name) + len(value) + 4  # ": " and CRLF
+        if name.lower() == b"content-length" and value.isdigit() and len(value) < 19:
+            self._body_left = int(value)  # a bad or conflicting one fails the parse anyway
         super().on_header(name, value)
 
     def on_body(self, body: bytes) -> None:
         if not self._closed:
+            self._body_left -= len(body)
             super().on_body(body)
 
     def on_headers_complete(self) -> None:
@@ -220,10 +323,14 @@ class GuardedProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def protocol(client_timeout: float | None = 60.0, header_limit: int = HEADER_LIMIT) -> type[GuardedProtocol]:
+def protocol(
+    client_timeout: float | None = 60.0,
+    header_limit: int = HEADER_LIMIT,
+    pipeline_limit: int = PIPELINE_LIMIT,
+) -> type[GuardedProtocol]:
     """A :class:`GuardedProtocol` with these limits, for uvicorn's ``http=`` option."""
     return type(
         "GuardedProtocol",
         (GuardedProtocol,),
-        {"client_timeout": client_timeout, "header_limit": header_limit},
+        {"client_timeout": client_timeout, "header_limit": header_limit, "pipeline_limit": pipeline_limit},
     )
