@@ -879,7 +879,7 @@ def machine(wrk: str | None) -> str:
                 break
     versions = ", ".join(
         f"{name} {importlib.metadata.version(name)}"
-        for name in ("uvicorn", "uvloop", "httptools", "aiohttp", "httpx")
+        for name in ("uvicorn", "uvloop", "httptools", "httpx", "opentelemetry-sdk")
     )
     wrk_version = "no wrk"
     if wrk:
