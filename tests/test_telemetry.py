@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from otellama.app import create_app
 from otellama.emulator import EmulatorSettings, create_emulator
 from otellama.settings import Settings, Upstream
-from otellama.telemetry import CARDINALITY_LIMIT, capture_content
+from otellama.telemetry import CARDINALITY_LIMIT, Telemetry, capture_content
 
 CANARY = "canary-7f3a9c-do-not-log"
 
@@ -210,6 +210,17 @@ def test_histogram_exemplars_point_at_the_genai_span(rig: Callable[..., Rig]) ->
     assert point.count == 2
     exemplars = {(e.trace_id, e.span_id) for e in point.exemplars}  # type: ignore[union-attr]
     assert exemplars and exemplars <= genai_ids  # the last exchange per bucket, linked to its trace
+
+
+def test_a_disabled_sdk_records_no_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")  # the SDK's providers read it from the process
+    telemetry = Telemetry(Settings(log_file=None), environ={"OTEL_SDK_DISABLED": "true"})
+    telemetry.instruments.requests.add(1, (("outcome", "ok"),))
+    assert b"ollama_requests_total" not in telemetry.prometheus()  # as README says of OTEL_SDK_DISABLED
+    monkeypatch.delenv("OTEL_SDK_DISABLED")
+    enabled = Telemetry(Settings(log_file=None), environ={})
+    enabled.instruments.requests.add(1, (("outcome", "ok"),))
+    assert b"ollama_requests_total" in enabled.prometheus()
 
 
 def test_openai_exchange_has_usage_but_no_ollama_durations(rig: Callable[..., Rig]) -> None:

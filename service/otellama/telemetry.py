@@ -214,8 +214,8 @@ class Instruments:
     """Every instrument otellama records, created once from ``semconv``'s names, units and buckets.
 
     What is recorded for every exchange is aggregated by :class:`~otellama.aggregates.Aggregates` (through
-    the SDK it would cost more than the rest of telemetry together); the rare failure counters go through
-    the SDK, which the export threads can reach without our lock.
+    the SDK it would cost more than the rest of telemetry together); the rare failure counters are ordinary
+    SDK instruments, like the export queue's own (exportqueue.py).
     """
 
     def __init__(self, meter: Meter, aggregates: Aggregates) -> None:
@@ -361,6 +361,10 @@ def _env(environ: Mapping[str, str], *names: str) -> str | None:
     return None
 
 
+def _disabled(environ: Mapping[str, str]) -> bool:
+    return (_env(environ, "OTEL_SDK_DISABLED") or "").lower() in _TRUE
+
+
 def otlp_protocol(environ: Mapping[str, str], signal: str) -> str | None:
     """The OTLP protocol for ``signal`` (traces, metrics), or None when no endpoint is configured.
 
@@ -369,7 +373,7 @@ def otlp_protocol(environ: Mapping[str, str], signal: str) -> str | None:
     so it is honoured here. The default is the spec's, ``http/protobuf``.
     """
     upper = signal.upper()
-    if (_env(environ, "OTEL_SDK_DISABLED") or "").lower() in _TRUE:
+    if _disabled(environ):
         return None
     if _env(environ, f"OTEL_EXPORTER_OTLP_{upper}_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT") is None:
         return None
@@ -450,8 +454,9 @@ class Telemetry:
         )
         self._own_providers.append(meter_provider)
         self.aggregates = Aggregates(metrics_resource, SCOPE, exemplars=wanted)
-        for reader in readers:
-            self.aggregates.attach(reader)
+        if not _disabled(env):  # a disabled SDK's meters record nothing; ours follow suit (README)
+            for reader in readers:
+                self.aggregates.attach(reader)
         self.instruments = Instruments(meter_provider.get_meter(SCOPE.name, SCOPE.version), self.aggregates)
 
         traces_protocol = otlp_protocol(env, "traces")
