@@ -98,11 +98,16 @@ def test_window_counts_exchanges_that_ended_in_it() -> None:
 def test_memory_is_bounded_by_capacity() -> None:
     now = 1_800_000_000.0
     rolling = stats.RollingStats(capacity=500, clock=lambda: now)
+    arrays = [rolling._ends, *rolling._columns, *rolling._tokens, rolling._flags]
+    # Allocated whole at start: memory does not creep up with traffic (a soak would read that as a leak).
+    assert all(len(a) == 500 for a in arrays) and len(rolling._models) == 500
+    assert len(rolling) == 0 and rolling.summary(3600)["exchanges"] == 0
     items = synthetic.records(1600, seed=4, start_ns=int((now - 1600) * 1e9), step_ns=10**9)
     for item in items:
         rolling.add(item)
     assert len(rolling) == 500
-    arrays = [rolling._ends, *rolling._columns, *rolling._tokens, rolling._flags]
+    now_arrays = [rolling._ends, *rolling._columns, *rolling._tokens, rolling._flags]
+    assert all(a is b for a, b in zip(now_arrays, arrays, strict=True))  # filled in place, never regrown
     assert all(len(a) == 500 for a in arrays) and len(rolling._models) == 500
     per_exchange = sum(a.itemsize for a in arrays) + 8  # + one reference to an interned model name
     assert per_exchange <= 120

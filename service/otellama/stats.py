@@ -2,9 +2,10 @@
 
 :class:`RollingStats` keeps the numbers :mod:`otellama.summary` needs of each recorded exchange in a ring of
 fixed capacity (default :data:`CAPACITY` exchanges): one ``array('d')`` per sampled quantity (NaN for
-unknown), plus the end time, the model and the outcome. The ring grows with traffic up to its capacity and
-then overwrites its oldest slots, so memory is bounded whatever the uptime: about 100 bytes an exchange,
-~10 MB at the default capacity, plus the model names (at most :data:`MODEL_LIMIT` distinct ones; later
+unknown), plus the end time, the model and the outcome. The ring is allocated whole at start and then
+overwrites its oldest slots, so memory is fixed whatever the uptime and the traffic (a ring that grew
+with traffic would read as a slow leak for the first 100,000 exchanges): about 110 bytes an exchange,
+~11 MB at the default capacity, plus the model names (at most :data:`MODEL_LIMIT` distinct ones; later
 newcomers are counted as ``other``, as in the metrics). Adding an exchange is a handful of array stores
 under a lock (about a microsecond), done when the proxy records it.
 
@@ -72,12 +73,15 @@ class RollingStats:
         self.clock = clock
         self._lock = threading.Lock()
         self._next = 0  # slot the next exchange goes to
-        self._size = 0
-        self._ends = array("d")
-        self._columns = tuple(array("d") for _ in summary.SAMPLED)
-        self._tokens = (array("q"), array("q"))  # input, output; -1 for unknown
-        self._flags = array("b")  # outcome code | 4 if cold start
-        self._models: list[str | None] = []
+        self._size = 0  # slots [0, size) hold exchanges
+        self._ends = array("d", [_NAN]) * capacity
+        self._columns = tuple(array("d", [_NAN]) * capacity for _ in summary.SAMPLED)
+        self._tokens = (
+            array("q", [-1]) * capacity,
+            array("q", [-1]) * capacity,
+        )  # input, output; -1: unknown
+        self._flags = array("b", [0]) * capacity  # outcome code | 4 if cold start
+        self._models: list[str | None] = [None] * capacity
         self._known: set[str] = set()
 
     def __len__(self) -> int:
@@ -98,24 +102,15 @@ class RollingStats:
         end = record.end_ns / 1e9
         with self._lock:
             slot = self._next
-            if self._size < self.capacity:
-                self._ends.append(end)
-                for column, value in zip(self._columns, values, strict=True):
-                    column.append(value)
-                self._tokens[0].append(tokens_in)
-                self._tokens[1].append(tokens_out)
-                self._flags.append(flags)
-                self._models.append(model)
-                self._size += 1
-            else:
-                self._ends[slot] = end
-                for column, value in zip(self._columns, values, strict=True):
-                    column[slot] = value
-                self._tokens[0][slot] = tokens_in
-                self._tokens[1][slot] = tokens_out
-                self._flags[slot] = flags
-                self._models[slot] = model
+            self._ends[slot] = end
+            for column, value in zip(self._columns, values, strict=True):
+                column[slot] = value
+            self._tokens[0][slot] = tokens_in
+            self._tokens[1][slot] = tokens_out
+            self._flags[slot] = flags
+            self._models[slot] = model
             self._next = (slot + 1) % self.capacity
+            self._size = min(self._size + 1, self.capacity)
 
     def summary(self, window: float = DEFAULT_WINDOW) -> dict[str, Any]:
         """The exchanges that ended in the last ``window`` seconds, per model, as JSON-ready data."""
@@ -123,11 +118,12 @@ class RollingStats:
         now = self.clock()
         since = now - window
         with self._lock:
-            ends = self._ends[:]
-            columns = [column[:] for column in self._columns]
-            tokens_in, tokens_out = self._tokens[0][:], self._tokens[1][:]
-            flags, models = self._flags[:], self._models[:]
-            full = self._size == self.capacity
+            size = self._size
+            ends = self._ends[:size]
+            columns = [column[:size] for column in self._columns]
+            tokens_in, tokens_out = self._tokens[0][:size], self._tokens[1][:size]
+            flags, models = self._flags[:size], self._models[:size]
+            full = size == self.capacity
         result = summary.Summary("model")
         oldest = math.inf
         matched = 0
