@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import socket
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -464,3 +468,47 @@ async def test_a_reset_is_no_end_for_a_body_delimited_by_the_close(
         async for chunk in response.stream:  # type: ignore[union-attr]
             assert chunk == b"partial"
     await response.aclose()
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, made with the openssl command line."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command (Debian package openssl)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_an_https_upstream_is_verified_and_kept_alive(
+    certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = certificate
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    up = RawUpstream(answer_all)
+    server = await asyncio.start_server(up._handle, "127.0.0.1", 0, ssl=server_context)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/api/tags"
+    try:
+        untrusting = HttpTransport()  # the system's CAs only: a self-signed upstream is refused
+        with pytest.raises(httpx.ConnectError):
+            await fetch(untrusting, request("GET", url))
+        await untrusting.aclose()
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # what an operator does for a private CA
+        trusting = HttpTransport()
+        for _ in range(2):
+            response, body = await fetch(trusting, request("GET", url))
+            assert (response.status_code, body) == (200, b"ok")
+        await trusting.aclose()
+        assert up.connections == 1  # one TLS connection for both (the refused handshake got no further)
+        assert all(head.startswith(b"GET /api/tags HTTP/1.1\r\n") for head in up.heads)
+    finally:
+        server.close()
+        await server.wait_closed()
