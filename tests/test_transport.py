@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -470,27 +468,12 @@ async def test_a_reset_is_no_end_for_a_body_delimited_by_the_close(
     await response.aclose()
 
 
-@pytest.fixture
-def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1, made with the openssl command line."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("needs the openssl command (Debian package openssl)")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-            "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
+#: A self-signed certificate for 127.0.0.1, valid until 2126 (tests/tls/README.md says how it was made).
+TLS = Path(__file__).with_name("tls")
 
 
-async def test_an_https_upstream_is_verified_and_kept_alive(
-    certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    cert, key = certificate
+async def test_an_https_upstream_is_verified_and_kept_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    cert, key = TLS / "cert.pem", TLS / "key.pem"
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
     up = RawUpstream(answer_all)
