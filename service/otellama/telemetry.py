@@ -97,7 +97,11 @@ def render_spans(record: Record, resource: Resource) -> list[ReadableSpan]:
         parent = SpanContext(ids.trace_id, ids.parent_span_id, is_remote=True, trace_flags=_SAMPLED)
     failed = record.outcome != OK
     status = Status(StatusCode.ERROR, record.error) if failed else _UNSET
-    server = SpanContext(ids.trace_id, ids.server_span_id, is_remote=False, trace_flags=_SAMPLED)
+
+    def ours(span_id: int) -> SpanContext:
+        return SpanContext(ids.trace_id, span_id, is_remote=False, trace_flags=_SAMPLED)
+
+    server = ours(ids.server_span_id)
 
     def span(
         name: str, context: SpanContext, parent: SpanContext | None, kind: SpanKind,
@@ -121,7 +125,7 @@ def render_spans(record: Record, resource: Resource) -> list[ReadableSpan]:
         span(name, server, parent, SpanKind.SERVER, server_attributes, record.start_ns, record.end_ns, status)
     ]
     if ids.genai_span_id is not None and record.operation is not None:
-        genai = SpanContext(ids.trace_id, ids.genai_span_id, is_remote=False, trace_flags=_SAMPLED)
+        genai = ours(ids.genai_span_id)
         name = f"{record.operation} {record.model}" if record.model else record.operation
         attributes = genai_attributes(record)
         spans.append(
@@ -130,9 +134,8 @@ def render_spans(record: Record, resource: Resource) -> list[ReadableSpan]:
         for phase, start, end in record.phases():
             span_id = ids.phase_span_ids.get(phase)
             if span_id is not None:
-                phase_context = SpanContext(ids.trace_id, span_id, is_remote=False, trace_flags=_SAMPLED)
                 spans.append(
-                    span(_PHASE_SPANS[phase], phase_context, genai, SpanKind.INTERNAL, None, start, end)
+                    span(_PHASE_SPANS[phase], ours(span_id), genai, SpanKind.INTERNAL, None, start, end)
                 )
     return spans
 
