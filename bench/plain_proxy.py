@@ -14,18 +14,21 @@ from collections.abc import Callable
 
 import uvicorn
 
-from otellama import connection, server
+from otellama import server
 from otellama.app import create_app
-from otellama.proxy import Exchange
+from otellama.exchange import Exchange, Recording
+from otellama.proxy import connection
 from otellama.settings import Settings
 
 
 class NoTelemetry:
     """A recorder that records nothing."""
 
-    def begin(self, exchange: Exchange) -> None:
-        pass
+    def begin(self, exchange: Exchange) -> Recording:
+        return _Nothing()
 
+
+class _Nothing:
     def observe(self, exchange: Exchange) -> Callable[[bytes, float], None] | None:
         return None
 

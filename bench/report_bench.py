@@ -1,7 +1,7 @@
 """How fast ``otellama report`` reads a big JSONL log: the issue's target is 1,000,000 lines in under 10 s.
 
-The log is made of real :class:`otellama.record.Record` lines (``Record.to_json``, encoded as the proxy
-encodes them): three chat models and an embedding model, four clients, streamed and non-streamed calls,
+The log is made of real :class:`otellama.observe.record.Record` lines (``Record.to_json``, encoded as the
+proxy encodes them): three chat models and an embedding model, four clients, streamed and non-streamed calls,
 cold starts, errors, cancellations, non-GenAI requests and unknown (null) timings, spread over a day and
 rotated into files of ``OTELLAMA_LOG_MAX_BYTES`` as the proxy rotates them. Each command then runs as a
 fresh process (``python -m otellama report ...``), as a user runs it, and is timed wall-clock, best of
@@ -27,9 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from otellama import ollama
-from otellama.jsonlog import JsonLog, encode
-from otellama.record import Record, RequestFacts, TraceIds
+from otellama.observe import ollama
+from otellama.observe.record import Record, RequestFacts, TraceIds
+from otellama.sinks.jsonlog import JsonLog, encode
 
 START, END = "<!-- report-bench:start -->", "<!-- report-bench:end -->"
 MODELS = (("llama3.2:3b", 0.5, 95.0), ("qwen3:14b", 0.2, 28.0), ("gemma3:1b", 0.2, 160.0))

@@ -106,15 +106,18 @@ uvicorn.Server(server.config(create_emulator(settings), "127.0.0.1", 0, backlog=
 PROXY = """
 import asyncio, gc, json, socket, sys, time
 import uvicorn
-from otellama import connection, server
+from otellama import server
+from otellama.proxy import connection
 from otellama.app import create_app
 from otellama.settings import Settings
 
 settings = Settings.from_env()
 app = create_app(settings)
 if sys.argv[2] != "default" and app.telemetry is not None:  # /otellama/stats' ring: tell its growth apart
-    from otellama.stats import RollingStats
-    app.telemetry.stats = RollingStats(int(sys.argv[2]))
+    from otellama.sinks.stats import RollingStats
+    ring = RollingStats(int(sys.argv[2]))
+    app.telemetry.sinks = tuple(ring if sink is app.rolling else sink for sink in app.telemetry.sinks)
+    app.rolling = ring
 gc_pauses = []
 _gc_started = [0.0]
 

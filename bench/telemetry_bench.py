@@ -1,9 +1,9 @@
 """CPU that telemetry spends per exchange, measured without a network in the way, part by part.
 
-1. **Recorder**: drives ``Telemetry.begin``/``observe``/``finish`` with Ollama-shaped bytes (a 200-chunk
-   NDJSON chat stream and a non-streamed body) exactly as the proxy does, with every sink on: spans handed
-   to a BatchSpanProcessor whose exporter drops them, metrics into the always-on Prometheus reader, the
-   JSONL log on disk.
+1. **Recorder**: drives ``Telemetry.begin`` and its recording's ``observe``/``finish`` with Ollama-shaped
+   bytes (a 200-chunk NDJSON chat stream and a non-streamed body) exactly as the proxy does, with every sink
+   on: spans handed to a BatchSpanProcessor whose exporter drops them, metrics into the always-on Prometheus
+   reader, the JSONL log on disk.
 2. **Upstream call's span**: opentelemetry-instrumentation-httpx's transport around a transport that answers
    at once, minus the bare transport: what tracing the upstream HTTP call adds to the request path.
 3. **OTLP encoding**: the OTLP exporter's protobuf encoding of one exchange's spans (its own three and the
@@ -38,9 +38,12 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-from otellama.proxy import Exchange
+from otellama.exchange import Exchange
 from otellama.settings import Settings
-from otellama.telemetry import Telemetry
+from otellama.sinks.fanout import Telemetry
+from otellama.sinks.jsonlog import JsonLog, JsonLogSink
+from otellama.sinks.otel.sink import OtelSink
+from otellama.sinks.stats import RollingStats
 
 
 class _Drop(SpanExporter):
@@ -88,15 +91,15 @@ def measure(telemetry: Telemetry, chunks: list[bytes], content_type: bytes, exch
     start = time.process_time()
     for _ in range(exchanges):
         exchange = _exchange(body, content_type)
-        telemetry.begin(exchange)
-        feed = telemetry.observe(exchange)
+        recording = telemetry.begin(exchange)
+        feed = recording.observe(exchange)
         now = exchange.t_start
         for chunk in chunks:
             now += 0.02
             if feed is not None:
                 feed(chunk, now)
         exchange.t_end = now
-        telemetry.finish(exchange)
+        recording.finish(exchange)
     return (time.process_time() - start) / exchanges * 1e6
 
 
@@ -161,9 +164,10 @@ def main() -> None:
         provider.add_span_processor(BatchSpanProcessor(_Drop(), max_queue_size=1 << 16))
         kept = InMemorySpanExporter()
         provider.add_span_processor(SimpleSpanProcessor(kept))
-        telemetry = Telemetry(
-            Settings(log_file=Path(tmp) / "otellama.jsonl"), tracer_provider=provider, environ={}
-        )
+        # The sinks otellama serve builds (app.py), with spans kept in memory instead of exported.
+        otel = OtelSink(tracer_provider=provider, environ={})
+        log = JsonLogSink(JsonLog(Path(tmp) / "otellama.jsonl"), otel.log_failed)
+        telemetry = Telemetry(Settings(), otel, [log, otel, RollingStats()], environ={})
         stream = _stream()
         nonstream = [stream[-1].rstrip(b"\n")]
         measure(telemetry, stream, b"application/x-ndjson", 200)  # warm-up
@@ -173,7 +177,7 @@ def main() -> None:
         kept.clear()
         whole = measure(telemetry, nonstream, b"application/json; charset=utf-8", args.exchanges)
         own_spans = list(kept.get_finished_spans())[-3:]  # the last exchange's server, GenAI and phase spans
-        telemetry.shutdown()
+        telemetry.close()
     call, call_span = upstream_call_span(args.exchanges)
     encoding = otlp_encoding(own_spans + call_span, args.exchanges)
     stream_encoding = otlp_encoding(stream_spans + call_span, args.exchanges)

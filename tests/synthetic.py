@@ -11,9 +11,9 @@ import random
 from collections.abc import Iterable
 from pathlib import Path
 
-from otellama import ollama
-from otellama.jsonlog import encode
-from otellama.record import Record, RequestFacts, TraceIds
+from otellama.observe import ollama
+from otellama.observe.record import Record, RequestFacts, TraceIds
+from otellama.sinks.jsonlog import encode
 
 MODELS = ("llama3.2:3b", "qwen3:14b", "gemma3:1b")
 CLIENTS = ("open-webui", "notebook", None)

@@ -22,8 +22,8 @@ import orjson
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from otellama import connection
 from otellama.app import create_app
+from otellama.proxy import connection
 from otellama.settings import Settings, Upstream
 from tests.conftest import VERSION_BODY, ScriptedUpstream, Seen
 
@@ -552,7 +552,7 @@ def test_captured_content_is_capped_per_attribute(
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from otellama.record import CONTENT_LIMIT
+    from otellama.observe.record import CONTENT_LIMIT
 
     monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "SPAN_ONLY")
     huge_answer = "z" * (5 * CONTENT_LIMIT)
@@ -606,9 +606,11 @@ def test_invented_model_and_client_names_leave_the_series_count_bounded(
     from prometheus_client.parser import text_string_to_metric_families
 
     from otellama.emulator import EmulatorSettings, create_emulator
-    from otellama.proxy import Exchange
-    from otellama.record import TraceIds, build
-    from otellama.telemetry import CARDINALITY_LIMIT, Telemetry, record_metrics
+    from otellama.exchange import Exchange
+    from otellama.observe.record import TraceIds, build
+    from otellama.sinks.capper import LIMIT as CARDINALITY_LIMIT
+    from otellama.sinks.otel.metrics import record_metrics
+    from otellama.sinks.otel.sink import OtelSink
 
     # 100,000 invented names straight through the record -> metrics path (over HTTP it would take minutes).
     exchange_ = Exchange("POST", "/api/generate", b"", [], time.time(), time.perf_counter())
@@ -617,13 +619,13 @@ def test_invented_model_and_client_names_leave_the_series_count_bounded(
                      server_port=11434, client_header=b"x-client-name", cold_start_seconds=1.0,
                      capture_content=False)  # fmt: skip
     reader = InMemoryMetricReader()
-    telemetry = Telemetry(Settings(log_file=None), metric_readers=[reader], environ={})
+    otel = OtelSink(metric_readers=[reader], environ={})
     # operation=None records only the request counter (the histograms share its attributes): 100k in ~1 s.
     for i in range(100_000):
         record = dataclasses.replace(
             template, model=f"invented-{i}", client=f"client-{i % 5000}", operation=None
         )
-        record_metrics(telemetry.instruments, record, telemetry.cap)
+        record_metrics(otel.instruments, record, otel.cap)
     data = reader.get_metrics_data()
     assert data is not None
     [requests] = [m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
@@ -635,7 +637,7 @@ def test_invented_model_and_client_names_leave_the_series_count_bounded(
     assert len(models) == CARDINALITY_LIMIT + 1 and "other" in models  # ...in at most 101 model values
     assert len(clients) == CARDINALITY_LIMIT + 1 and "other" in clients
     assert len(points) <= 2 * (CARDINALITY_LIMIT + 1)  # series follow the names in use, not their product
-    telemetry.shutdown()
+    otel.close()
 
     # And a few thousand over HTTP, each with a new model and a new client name.
     emulator = create_emulator(EmulatorSettings(token_rate=0, load_seconds=0.01, max_queue=1000))

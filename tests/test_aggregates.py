@@ -24,8 +24,8 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from otellama import semconv
-from otellama.aggregates import Aggregates, key_of
+from otellama.sinks.otel import semconv
+from otellama.sinks.otel.aggregates import Aggregates, key_of
 
 SCOPE = InstrumentationScope("otellama", "test")
 RESOURCE = Resource.create({"service.name": "test"})

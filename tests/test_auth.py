@@ -19,8 +19,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from otellama.app import create_app
-from otellama.auth import Keys
 from otellama.emulator import EmulatorSettings, create_emulator
+from otellama.proxy.auth import Keys
 from otellama.settings import Settings, SettingsError, Upstream
 from tests.conftest import ScriptedUpstream
 

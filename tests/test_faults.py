@@ -504,7 +504,8 @@ def test_client_leaving_during_a_blob_upload_closes_the_upstream_request(
 # --- otellama in a process of its own (collector latency, signals, disk limits) -----------------------------
 LAUNCHER = """
 import os, resource, signal, socket, sys
-from otellama import connection, server
+from otellama import server
+from otellama.proxy import connection
 from otellama.app import create_app
 from otellama.settings import Settings
 
@@ -734,7 +735,7 @@ def test_the_export_queue_is_bounded_and_counts_what_it_drops() -> None:
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace import TracerProvider
 
-    from otellama.exportqueue import EXPORT_DROPPED, CountedBatchSpanProcessor
+    from otellama.sinks.otel.exportqueue import EXPORT_DROPPED, CountedBatchSpanProcessor
 
     black_hole = socket.create_server(("127.0.0.1", 0), backlog=1)
     reader = InMemoryMetricReader()

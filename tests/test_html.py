@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from otellama import charts
 from otellama.cli import main
+from otellama.tools import charts
 from tests import synthetic
 
 MEASURE = """

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from otellama.jsonlog import WARN_EVERY, JsonLog, encode
+from otellama.sinks.complaints import EVERY as WARN_EVERY
+from otellama.sinks.jsonlog import JsonLog, encode
 
 
 class Clock:
@@ -44,7 +45,7 @@ def lines_of(log: JsonLog) -> list[dict[str, object]]:
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "otellama.jsonlog" and r.levelno == logging.WARNING]
+    return [r for r in caplog.records if r.name == "otellama.sinks.jsonlog" and r.levelno == logging.WARNING]
 
 
 def line(n: int, width: int = 0) -> bytes:
@@ -262,7 +263,7 @@ def test_the_warning_repeats_at_most_once_a_minute(
 def test_logging_resumes_once_the_cause_is_fixed(
     blocker: Path, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="otellama.jsonlog")
+    caplog.set_level(logging.INFO, logger="otellama.sinks.jsonlog")
     log = JsonLog(blocker / "otellama.jsonl", retry_after=5.0, clock=clock)
     assert not log.write(encode({"n": 0}))
     blocker.unlink()
@@ -272,7 +273,7 @@ def test_logging_resumes_once_the_cause_is_fixed(
     assert log.write(encode({"n": 3}))
     assert lines_of(log) == [{"n": 2}, {"n": 3}]
     assert (log.failures, log.dropped, log.written) == (1, 2, 2)
-    infos = [r for r in caplog.records if r.name == "otellama.jsonlog" and r.levelno == logging.INFO]
+    infos = [r for r in caplog.records if r.name == "otellama.sinks.jsonlog" and r.levelno == logging.INFO]
     assert len(infos) == 1
     assert "again" in infos[0].getMessage()
     log.close()

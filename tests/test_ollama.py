@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from otellama.ollama import (
+from otellama.observe.ollama import (
     CHAT,
     EMBEDDINGS,
     ENDPOINTS,
@@ -273,3 +273,15 @@ def test_error_message_by_structure_only() -> None:
     assert error_message(["error"]) is None
     assert error_message("error") is None
     assert error_message(None) is None
+
+
+def test_operation_names_are_the_genai_semantic_conventions_values() -> None:
+    from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import GenAiOperationNameValues
+
+    from otellama.observe.ollama import CHAT, EMBEDDINGS, TEXT_COMPLETION
+
+    assert (
+        GenAiOperationNameValues.CHAT.value,
+        GenAiOperationNameValues.TEXT_COMPLETION.value,
+        GenAiOperationNameValues.EMBEDDINGS.value,
+    ) == (CHAT, TEXT_COMPLETION, EMBEDDINGS)

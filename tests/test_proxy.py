@@ -13,7 +13,7 @@ import orjson
 import pytest
 from starlette.types import Send
 
-from otellama.proxy import Exchange
+from otellama.exchange import Exchange
 from tests.conftest import ScriptedUpstream, Seen
 
 
@@ -263,16 +263,18 @@ def test_recorder_gets_one_exchange_after_the_last_byte(serve: Callable[..., str
     calls: list[tuple[str, Exchange]] = []
     chunks: list[bytes] = []
 
-    class Recorder:
-        def begin(self, exchange: Exchange) -> None:
-            calls.append(("begin", exchange))
-
+    class Recording:
         def observe(self, exchange: Exchange) -> Callable[[bytes, float], None]:
             calls.append(("observe", exchange))
             return lambda chunk, now: chunks.append(chunk)
 
         def finish(self, exchange: Exchange) -> None:
             calls.append(("finish", exchange))
+
+    class Recorder:
+        def begin(self, exchange: Exchange) -> Recording:
+            calls.append(("begin", exchange))
+            return Recording()
 
     upstream = serve(ScriptedUpstream())
     url = serve(create_app(Settings(upstream=Upstream.parse(upstream)), recorder=Recorder()))
@@ -292,19 +294,23 @@ def test_recorder_gets_one_exchange_after_the_last_byte(serve: Callable[..., str
     assert exchange.t_start <= exchange.t_headers <= exchange.t_end  # type: ignore[operator]
 
 
-def test_a_failing_recorder_never_touches_the_response(serve: Callable[..., str]) -> None:
+@pytest.mark.parametrize("where", ["begin", "recording"])
+def test_a_failing_recorder_never_touches_the_response(serve: Callable[..., str], where: str) -> None:
     from otellama.app import create_app
     from otellama.settings import Settings, Upstream
 
-    class Broken:
-        def begin(self, exchange: Exchange) -> None:
-            raise RuntimeError("telemetry bug")
-
+    class BrokenRecording:
         def observe(self, exchange: Exchange) -> None:
             raise RuntimeError("telemetry bug")
 
         def finish(self, exchange: Exchange) -> None:
             raise RuntimeError("telemetry bug")
+
+    class Broken:
+        def begin(self, exchange: Exchange) -> BrokenRecording:
+            if where == "begin":
+                raise RuntimeError("telemetry bug")
+            return BrokenRecording()
 
     upstream = serve(ScriptedUpstream())
     url = serve(create_app(Settings(upstream=Upstream.parse(upstream)), recorder=Broken()))

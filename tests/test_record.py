@@ -13,9 +13,9 @@ from typing import Any
 import orjson
 import pytest
 
-from otellama import ollama
-from otellama.proxy import CANCELLED, ERROR, Exchange
-from otellama.record import (
+from otellama.exchange import CANCELLED, ERROR, Exchange
+from otellama.observe import ollama
+from otellama.observe.record import (
     CLIENT_NAME_LIMIT,
     CONTENT_LIMIT,
     LABEL_LIMIT,
@@ -26,7 +26,7 @@ from otellama.record import (
     endpoint_of,
     parse_request,
 )
-from otellama.stream import BODY_CAP, LINE_CAP, Observation, StreamObserver
+from otellama.observe.stream import BODY_CAP, LINE_CAP, Observation, StreamObserver
 from tests import captures
 from tests.conftest import API_FIXTURES
 

@@ -23,10 +23,10 @@ import pytest
 from otellama.app import create_app
 from otellama.cli import main
 from otellama.emulator import FAULT_HEADER, FAULT_MIDSTREAM_ERROR, EmulatorSettings, create_emulator
-from otellama.record import Record
-from otellama.replay import BATCH_SPANS, run
+from otellama.observe.record import Record
 from otellama.server import BackgroundServer
 from otellama.settings import Settings, Upstream
+from otellama.tools.replay import BATCH_SPANS, run
 from tests import synthetic
 from tests.otlp_receiver import OtlpGrpcReceiver, OtlpHttpReceiver, ReceivedSpan
 

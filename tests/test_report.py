@@ -15,9 +15,10 @@ from typing import Any
 import orjson
 import pytest
 
-from otellama import report, summary
 from otellama.cli import main
-from otellama.jsonlog import JsonLog, encode
+from otellama.observe import summary, times
+from otellama.sinks.jsonlog import JsonLog, encode
+from otellama.tools import logscan, report
 from tests import synthetic
 
 #: (JSON name, JSONL field, statistics), restated from the issue rather than imported.
@@ -218,17 +219,17 @@ def test_durations_count_back_from_now(tmp_path: Path, capsys: pytest.CaptureFix
     ],
 )
 def test_parse_duration(text: str, seconds: float) -> None:
-    assert report.parse_time(text, now=1e6) == pytest.approx(1e6 - seconds)
+    assert times.parse_time(text, now=1e6) == pytest.approx(1e6 - seconds)
 
 
 def test_parse_timestamps() -> None:
-    assert report.parse_time("2026-08-01T14:00:00Z") == dt.datetime(2026, 8, 1, 14, tzinfo=dt.UTC).timestamp()
+    assert times.parse_time("2026-08-01T14:00:00Z") == dt.datetime(2026, 8, 1, 14, tzinfo=dt.UTC).timestamp()
     assert (
-        report.parse_time("2026-08-01 16:00+02:00") == dt.datetime(2026, 8, 1, 14, tzinfo=dt.UTC).timestamp()
+        times.parse_time("2026-08-01 16:00+02:00") == dt.datetime(2026, 8, 1, 14, tzinfo=dt.UTC).timestamp()
     )
-    assert report.parse_time("2026-08-01") == dt.datetime(2026, 8, 1).timestamp()  # local midnight
-    with pytest.raises(report.ReportError, match="15m, 1h"):
-        report.parse_time("yesterday")
+    assert times.parse_time("2026-08-01") == dt.datetime(2026, 8, 1).timestamp()  # local midnight
+    with pytest.raises(times.TimeError, match="15m, 1h"):
+        times.parse_time("yesterday")
 
 
 def test_a_bad_time_exits_2_saying_what_to_write(log: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -270,14 +271,14 @@ def test_colour_on_a_terminal_unless_no_color(log: Path, monkeypatch: pytest.Mon
 
 def test_parts_read_in_parallel_give_the_same_report(log: Path, tmp_path: Path) -> None:
     second = synthetic.write(tmp_path / "otellama.jsonl.1", synthetic.records(700, seed=8))
-    serial = report.scan([second, log], "client", workers=1, timeline=True)
-    small_parts = report.scan([second, log], "client", workers=1, part_bytes=4093, timeline=True)
+    serial = logscan.scan([second, log], "client", workers=1, timeline=True)
+    small_parts = logscan.scan([second, log], "client", workers=1, part_bytes=4093, timeline=True)
     assert small_parts.to_json() == serial.to_json()
     assert sorted(small_parts.times) == sorted(serial.times)
     # Several processes are only forked from a single-threaded caller: run one.
     script = (
-        "import json, sys; from pathlib import Path; from otellama import report;"
-        "r = report.scan([Path(p) for p in sys.argv[1:]], 'client', workers=2, part_bytes=4093,"
+        "import json, sys; from pathlib import Path; from otellama.tools import logscan;"
+        "r = logscan.scan([Path(p) for p in sys.argv[1:]], 'client', workers=2, part_bytes=4093,"
         " parallel_bytes=0);"
         "print(json.dumps(r.to_json()))"
     )

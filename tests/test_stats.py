@@ -12,10 +12,12 @@ import httpx
 import orjson
 import pytest
 
-from otellama import report, stats, summary
 from otellama.app import create_app
 from otellama.emulator import FAULT_HEADER, FAULT_MIDSTREAM_ERROR, EmulatorSettings, create_emulator
+from otellama.observe import summary, times
 from otellama.settings import Settings, Upstream
+from otellama.sinks import capper, stats
+from otellama.tools import logscan
 from tests import synthetic
 
 
@@ -52,7 +54,7 @@ def test_stats_has_the_numbers_of_report_json(serve: Callable[..., str], tmp_pat
         live = client.get("/otellama/stats").json()
         hour = client.get("/otellama/stats", params={"window": "1h"}).json()
         bad = client.get("/otellama/stats", params={"window": "soon"})
-    offline = report.scan([log], "model").to_json()
+    offline = logscan.scan([log], "model").to_json()
     assert live["exchanges"] == offline["exchanges"] == sent
     assert live["groups"] == offline["groups"] and live["total"] == offline["total"]
     assert live["by"] == "model" and live["window_seconds"] == 900 and live["complete"] is True
@@ -84,11 +86,11 @@ def test_window_counts_exchanges_that_ended_in_it() -> None:
         60, seed=3, start_ns=int((now - 3600) * 1e9), step_ns=60 * 10**9
     )  # one a minute for the last hour
     for item in items:
-        rolling.add(item)
+        rolling.write(item)
     recent = [item for item in items if item.end_ns / 1e9 >= now - 900]
     result = rolling.summary(900)
     assert result["exchanges"] == len(recent) and 10 <= len(recent) <= 16
-    assert result["complete"] is True and result["since"] == report.iso(now - 900)
+    assert result["complete"] is True and result["since"] == times.iso(now - 900)
     expected = summary.Summary("model")
     for item in recent:
         expected.group(item.model).add_line(item.to_json())
@@ -104,7 +106,7 @@ def test_memory_is_bounded_by_capacity() -> None:
     assert len(rolling) == 0 and rolling.summary(3600)["exchanges"] == 0
     items = synthetic.records(1600, seed=4, start_ns=int((now - 1600) * 1e9), step_ns=10**9)
     for item in items:
-        rolling.add(item)
+        rolling.write(item)
     assert len(rolling) == 500
     now_arrays = [rolling._ends, *rolling._columns, *rolling._tokens, rolling._flags]
     assert all(a is b for a, b in zip(now_arrays, arrays, strict=True))  # filled in place, never regrown
@@ -113,7 +115,7 @@ def test_memory_is_bounded_by_capacity() -> None:
     assert per_exchange <= 120
     result = rolling.summary(3600)  # asks for an hour, holds only the last 500 exchanges
     assert result["exchanges"] == 500 and result["complete"] is False
-    assert result["since"] == report.iso(items[-500].end_ns / 1e9)
+    assert result["since"] == times.iso(items[-500].end_ns / 1e9)
     expected = summary.Summary("model")
     for item in items[-500:]:
         expected.group(item.model).add_line(item.to_json())
@@ -124,10 +126,10 @@ def test_invented_model_names_are_capped() -> None:
     rolling = stats.RollingStats(capacity=1000)
     base = synthetic.records(1, seed=1)[0]
     fields = {f: getattr(base, f) for f in base.__dataclass_fields__}
-    for i in range(stats.MODEL_LIMIT + 40):
-        rolling.add(type(base)(**{**fields, "model": f"invented-{i}", "end_ns": time.time_ns()}))
+    for i in range(capper.LIMIT + 40):
+        rolling.write(type(base)(**{**fields, "model": f"invented-{i}", "end_ns": time.time_ns()}))
     groups = {g["group"]: g["requests"] for g in rolling.summary()["groups"]}
-    assert len(groups) == stats.MODEL_LIMIT + 1 and groups[stats.OVERFLOW] == 40
+    assert len(groups) == capper.LIMIT + 1 and groups[capper.OVERFLOW] == 40
 
 
 @pytest.mark.parametrize(

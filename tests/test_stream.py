@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from otellama.ollama import Timings
-from otellama.stream import BODY_CAP, LINE_CAP, Observation, StreamObserver
+from otellama.observe.ollama import Timings
+from otellama.observe.stream import BODY_CAP, LINE_CAP, Observation, StreamObserver
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CAPTURES = SHARED / "ollama-captures"

@@ -17,7 +17,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from otellama.stream import Observation, StreamObserver
+from otellama.observe.stream import Observation, StreamObserver
 from tests.test_stream import untimed
 
 

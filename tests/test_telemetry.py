@@ -21,7 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from otellama.app import create_app
 from otellama.emulator import EmulatorSettings, create_emulator
 from otellama.settings import Settings, Upstream
-from otellama.telemetry import CARDINALITY_LIMIT, Telemetry, capture_content
+from otellama.sinks.capper import LIMIT as CARDINALITY_LIMIT
+from otellama.sinks.fanout import capture_content
+from otellama.sinks.otel.sink import OtelSink
 
 CANARY = "canary-7f3a9c-do-not-log"
 
@@ -214,11 +216,11 @@ def test_histogram_exemplars_point_at_the_genai_span(rig: Callable[..., Rig]) ->
 
 def test_a_disabled_sdk_records_no_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")  # the SDK's providers read it from the process
-    telemetry = Telemetry(Settings(log_file=None), environ={"OTEL_SDK_DISABLED": "true"})
-    telemetry.instruments.requests.add(1, (("outcome", "ok"),))
-    assert b"ollama_requests_total" not in telemetry.prometheus()  # as README says of OTEL_SDK_DISABLED
+    otel = OtelSink(environ={"OTEL_SDK_DISABLED": "true"})
+    otel.instruments.requests.add(1, (("outcome", "ok"),))
+    assert b"ollama_requests_total" not in otel.prometheus()  # as README says of OTEL_SDK_DISABLED
     monkeypatch.delenv("OTEL_SDK_DISABLED")
-    enabled = Telemetry(Settings(log_file=None), environ={})
+    enabled = OtelSink(environ={})
     enabled.instruments.requests.add(1, (("outcome", "ok"),))
     assert b"ollama_requests_total" in enabled.prometheus()
 

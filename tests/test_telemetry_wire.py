@@ -745,7 +745,7 @@ def test_no_endpoint_means_no_exporter_and_no_complaint(
     log_file = tmp_path / "otellama.jsonl"
     with running(fast_emulator()) as upstream_url:
         app = make_app(upstream_url, log_file)
-        assert app.telemetry is not None and not app.telemetry.tracing
+        assert app.otel is not None and not app.otel.tracing
         with running(app) as url:
             with ollama.Client(host=url) as client:
                 assert client.chat(MODEL, [{"role": "user", "content": "hi"}], stream=False).done

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from otellama.transport import HttpTransport
+from otellama.proxy.transport import HttpTransport
 
 Reader, Writer = asyncio.StreamReader, asyncio.StreamWriter
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"

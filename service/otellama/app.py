@@ -20,11 +20,15 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from otellama import __version__
-from otellama.auth import Gate
-from otellama.proxy import Proxy, Recorder
+from otellama.exchange import Recorder
+from otellama.proxy.auth import Gate
+from otellama.proxy.forward import Proxy
+from otellama.proxy.transport import HttpTransport
 from otellama.settings import Settings
-from otellama.telemetry import Telemetry
-from otellama.transport import HttpTransport
+from otellama.sinks.fanout import Sink, Telemetry
+from otellama.sinks.jsonlog import JsonLog, JsonLogSink
+from otellama.sinks.otel.sink import OtelSink
+from otellama.sinks.stats import RollingStats, parse_window
 
 log = logging.getLogger("otellama")
 
@@ -79,15 +83,25 @@ class App:
         self.settings = settings
         self.gate = Gate.from_settings(settings)  # None unless OTELLAMA_API_KEYS_FILE is set
         self.telemetry: Telemetry | None = None
+        #: The sinks behind ``/otellama/metrics`` and ``/otellama/stats``; None when a recorder replaced them.
+        self.otel: OtelSink | None = None
+        self.rolling: RollingStats | None = None
         self.transport = transport or HttpTransport()
         if recorder is None:
-            recorder = self.telemetry = Telemetry(
-                settings, tracer_provider=tracer_provider, metric_readers=metric_readers
-            )
-            if self.telemetry.tracing:
+            self.otel = OtelSink(tracer_provider=tracer_provider, metric_readers=metric_readers)
+            self.rolling = RollingStats()  # GET /otellama/stats: recent exchanges, in bounded memory
+            sinks: list[Sink] = []
+            if settings.log_file is not None:
+                log_file = JsonLog(
+                    settings.log_file, max_bytes=settings.log_max_bytes, backups=settings.log_backups
+                )
+                sinks.append(JsonLogSink(log_file, self.otel.log_failed))
+            sinks += [self.otel, self.rolling]
+            recorder = self.telemetry = Telemetry(settings, self.otel, sinks)
+            if self.otel.tracing:
                 # Traces the upstream call and sends its traceparent to Ollama.
                 self.transport = AsyncOpenTelemetryTransport(
-                    self.transport, tracer_provider=self.telemetry.tracer_provider
+                    self.transport, tracer_provider=self.otel.tracer_provider
                 )
         timeout = httpx.Timeout(
             connect=settings.connect_timeout, read=settings.read_timeout, write=None, pool=None
@@ -134,24 +148,22 @@ class App:
 
     async def metrics(self, request: Request) -> Response:
         """``GET /otellama/metrics``: every instrument in Prometheus text format."""
-        if self.telemetry is None:
+        if self.otel is None:
             return Response(status_code=404)  # a custom recorder replaced telemetry
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(self.telemetry.prometheus(), media_type=CONTENT_TYPE_LATEST)
+        return Response(self.otel.prometheus(), media_type=CONTENT_TYPE_LATEST)
 
     async def stats(self, request: Request) -> Response:
         """``GET /otellama/stats[?window=1h]``: recent exchanges per model, as ``otellama report --json``."""
-        if self.telemetry is None:
+        if self.rolling is None:
             return Response(status_code=404)  # a custom recorder replaced telemetry
-        from otellama.stats import parse_window
-
         try:
             window = parse_window(request.query_params.get("window"))
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         # Sorting a full window takes a while: off the event loop, so that proxying carries on.
-        return JSONResponse(await asyncio.to_thread(self.telemetry.stats.summary, window))
+        return JSONResponse(await asyncio.to_thread(self.rolling.summary, window))
 
     async def startup(self) -> None:
         self._background.append(asyncio.get_running_loop().create_task(self.probe.run()))
@@ -166,7 +178,7 @@ class App:
         await self.probe.close()
         if self.telemetry is not None:
             # Flushing exporters blocks on the network; keep the loop free while it does.
-            await asyncio.to_thread(self.telemetry.shutdown)
+            await asyncio.to_thread(self.telemetry.close)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

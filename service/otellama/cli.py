@@ -8,9 +8,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from otellama import __version__, summary
-from otellama.report import ReportError
-from otellama.settings import Settings, SettingsError
+from otellama import __version__
+from otellama.observe import summary
+from otellama.settings import Settings, UserError
 
 EXAMPLES_SERVE = """\
 examples:
@@ -151,8 +151,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from otellama import connection, server
+    from otellama import server
     from otellama.app import create_app
+    from otellama.proxy import connection
 
     settings = Settings.from_env(host=args.host, port=args.port, upstream=args.upstream)
     app = create_app(settings)
@@ -223,7 +224,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from otellama import report
+    from otellama.tools import report
 
     return report.run(
         args.files,
@@ -240,7 +241,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from otellama import replay
+    from otellama.tools import replay
 
     return replay.run(
         args.files,
@@ -263,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"serve": _serve, "emulate": _emulate, "demo": _demo, "report": _report, "replay": _replay}
     try:
         return commands[args.command](args)
-    except (SettingsError, ReportError) as exc:
+    except UserError as exc:
         print(f"otellama {args.command}: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `otellama report | head` stopped reading: not an error

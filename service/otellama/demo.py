@@ -24,12 +24,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from otellama import charts, report, terminal
 from otellama.app import create_app
 from otellama.emulator import FAULT_HEADER, FAULT_MIDSTREAM_ERROR, EmulatorSettings, create_emulator
-from otellama.record import Record
+from otellama.observe.record import Record
 from otellama.server import BackgroundServer
 from otellama.settings import Settings, Upstream
+from otellama.tools import charts, logscan, report, terminal
 
 CHAT_MODEL = "llama3.2:3b"
 SMALL_MODEL = "gemma3:1b"
@@ -195,7 +195,7 @@ def _exporting(endpoint: str | None) -> Iterator[None]:
 def _lines(path: Path) -> list[dict[str, Any]]:
     found = []
     for raw in path.read_bytes().splitlines():
-        line = report.parse(raw)
+        line = logscan.parse(raw)
         if line is not None:
             found.append(line)
     return found
@@ -287,7 +287,7 @@ def run(
                     )
             _wait_for_lines(log_file, steps)
     lines = _lines(log_file)
-    result = report.scan([log_file], "model", timeline=True)
+    result = logscan.scan([log_file], "model", timeline=True)
     html.write_text(charts.page(result, "otellama demo report"), encoding="utf-8")
     out.write(
         f"\nThe workload took {time.perf_counter() - started:.1f} s. What otellama recorded, as "

@@ -16,7 +16,14 @@ from urllib.parse import urlsplit
 DEFAULT_UPSTREAM = "http://127.0.0.1:11434"
 
 
-class SettingsError(ValueError):
+class UserError(Exception):
+    """Something the user can fix (a setting, a time, a file); the message says what to do.
+
+    The ``otellama`` command prints it and exits with 2, without a traceback.
+    """
+
+
+class SettingsError(UserError, ValueError):
     """A setting has a value otellama cannot use; the message names the setting."""
 
 
@@ -106,6 +113,12 @@ def _flag(name: str, raw: str) -> bool:
     if value in _FALSE:
         return False
     raise SettingsError(f"{name}={raw!r} is not a yes/no value (true, false, 1, 0, on, off)")
+
+
+def otel_flag(environ: Mapping[str, str], name: str) -> bool:
+    """A boolean ``OTEL_*`` variable as the OpenTelemetry SDK reads it: ``true`` in any case is true,
+    anything else (``1`` and ``yes`` included) false, so that otellama and the SDK never disagree."""
+    return environ.get(name, "").strip().lower() == "true"
 
 
 def _port(name: str, raw: str) -> int:

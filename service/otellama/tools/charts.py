@@ -2,7 +2,7 @@
 
 No script, no stylesheet, font or image from anywhere: the page is one file that opens offline and that a
 Content-Security-Policy forbids to load anything. The charts are built from the same
-:class:`~otellama.report.Scan` as the terminal table, per group (per model by default):
+:class:`~otellama.tools.logscan.Scan` as the terminal table, per group (per model by default):
 
 - requests and errors over time (stacked columns: ok, error, cancelled);
 - the distribution of time to first token (log scale) and of generation tokens per second, with the p50
@@ -23,8 +23,9 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from otellama import summary, terminal
-from otellama.report import OUTCOME_CODES, Scan, files_text
+from otellama.observe import summary
+from otellama.tools import terminal
+from otellama.tools.logscan import OUTCOME_CODES, Scan, files_text
 
 #: Groups drawn at most (the most requested); the table lists them all.
 MAX_GROUPS: Final = 12

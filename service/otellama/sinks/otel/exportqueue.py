@@ -19,7 +19,8 @@ from opentelemetry.metrics import MeterProvider, get_meter_provider
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
-from otellama import __version__, semconv
+from otellama import __version__
+from otellama.sinks.otel import semconv
 
 #: Counter of spans the export queue dropped.
 EXPORT_DROPPED: Final = "otellama.export.dropped"

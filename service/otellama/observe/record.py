@@ -17,9 +17,9 @@ from typing import Any, Final
 
 import orjson
 
-from otellama import ollama
-from otellama.proxy import CANCELLED, ERROR, OK, Exchange
-from otellama.stream import Observation
+from otellama.exchange import CANCELLED, ERROR, OK, Exchange
+from otellama.observe import ollama
+from otellama.observe.stream import Observation
 
 #: Longest client name kept; the header is the client's to fill.
 CLIENT_NAME_LIMIT: Final = 64

@@ -45,7 +45,7 @@ from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from otellama.semconv import Metric as MetricSpec
+from otellama.sinks.otel.semconv import Metric as MetricSpec
 
 #: A data point's attributes as a tuple of (key, value) pairs: hashable, built once per exchange.
 Key: TypeAlias = tuple[tuple[str, Any], ...]

@@ -36,12 +36,13 @@ from typing import Final
 
 import orjson
 
+from otellama.observe.record import Record
+from otellama.sinks.complaints import Complaints
+
 __all__ = ["JsonLog", "encode"]
 
-logger = logging.getLogger("otellama.jsonlog")
+logger = logging.getLogger("otellama.sinks.jsonlog")
 
-#: While the log keeps failing, the warning is repeated at most this often (seconds).
-WARN_EVERY: Final = 60.0
 
 _OPEN_FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
@@ -89,7 +90,7 @@ class JsonLog:
         self._rotates = False
         self._closed = False
         self._retry_at = float("-inf")
-        self._warned_at = float("-inf")
+        self._complain = Complaints(logger, clock=clock)
         self._failing = False
         self._failures = 0
         self._dropped = 0
@@ -142,6 +143,7 @@ class JsonLog:
             self._written += 1
             if self._failing:
                 self._failing = False
+                self._complain.recovered()
                 logger.info("writing the log %s again (%d lines dropped so far)", self._path, self._dropped)
             return True
 
@@ -193,17 +195,14 @@ class JsonLog:
         self._failures += 1
         self._dropped += 1
         self._close_fd()
-        now = self._clock()
-        self._retry_at = now + self._retry_after
-        if not self._failing or now - self._warned_at >= WARN_EVERY:
-            logger.warning(
-                "cannot write the log %s: %s; dropping lines and retrying in %gs (%d dropped so far)",
-                self._path,
-                reason,
-                self._retry_after,
-                self._dropped,
-            )
-            self._warned_at = now
+        self._retry_at = self._clock() + self._retry_after
+        self._complain(
+            "cannot write the log %s: %s; dropping lines and retrying in %gs (%d dropped so far)",
+            self._path,
+            reason,
+            self._retry_after,
+            self._dropped,
+        )
         self._failing = True
 
     def _close_fd(self) -> None:
@@ -211,3 +210,21 @@ class JsonLog:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+class JsonLogSink:
+    """The JSONL log as a sink: each record's :meth:`~otellama.observe.record.Record.to_json`, one line.
+
+    ``on_failure`` is told of every line that could not be written (the metrics count them).
+    """
+
+    def __init__(self, log: JsonLog, on_failure: Callable[[], None] = lambda: None) -> None:
+        self.log = log
+        self._on_failure = on_failure
+
+    def write(self, record: Record) -> None:
+        if not self.log.write(encode(record.to_json())):
+            self._on_failure()
+
+    def close(self) -> None:
+        self.log.close()

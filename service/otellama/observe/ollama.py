@@ -14,13 +14,12 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 import orjson
-from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import GenAiOperationNameValues
 
-# The enum is marked deprecated in the installed semconv (the GenAI names are moving to their own package);
-# reading a member's value does not warn, and the values are the spec's.
-CHAT: Final[str] = GenAiOperationNameValues.CHAT.value
-TEXT_COMPLETION: Final[str] = GenAiOperationNameValues.TEXT_COMPLETION.value
-EMBEDDINGS: Final[str] = GenAiOperationNameValues.EMBEDDINGS.value
+# The GenAI semantic conventions' gen_ai.operation.name values for what each endpoint does. Spelled here
+# because observation knows no OpenTelemetry; tests/test_ollama.py checks them against the semconv package.
+CHAT: Final = "chat"
+TEXT_COMPLETION: Final = "text_completion"
+EMBEDDINGS: Final = "embeddings"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

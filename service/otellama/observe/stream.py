@@ -2,7 +2,7 @@
 
 The proxy writes every upstream chunk to the client first, then hands it to :meth:`StreamObserver.feed`;
 after the last byte it calls :meth:`StreamObserver.finish` once and gets an :class:`Observation`. The
-observer reads the body by its framing (:class:`otellama.ollama.Framing`, from the Content-Type):
+observer reads the body by its framing (:class:`otellama.observe.ollama.Framing`, from the Content-Type):
 
 - NDJSON (native streams): one JSON object per line; a success ends with a ``done: true`` line, a failure
   after the 200 with one ``{"error": ...}`` line instead.
@@ -40,7 +40,7 @@ from typing import Any, Final
 
 import orjson
 
-from otellama.ollama import Framing, Timings, error_message, nonnegative_int
+from otellama.observe.ollama import Framing, Timings, error_message, nonnegative_int
 
 #: Longest line parsed in a stream. A native final object carries ``context`` (one number per token of
 #: the context window, ~7 bytes each), so a long-context /api/generate ends with a line of megabytes.

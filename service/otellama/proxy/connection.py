@@ -42,7 +42,7 @@ import orjson
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-log = logging.getLogger("otellama.connection")
+log = logging.getLogger("otellama.proxy.connection")
 
 #: Most bytes a request may spend on its request line and headers.
 HEADER_LIMIT: Final = 64 * 1024

@@ -1,18 +1,18 @@
 """``GET /otellama/stats``: the last minutes of exchanges, summarised in memory, per model.
 
-:class:`RollingStats` keeps the numbers :mod:`otellama.summary` needs of each recorded exchange in a ring of
-fixed capacity (default :data:`CAPACITY` exchanges): one ``array('d')`` per sampled quantity (NaN for
+:class:`RollingStats` keeps the numbers :mod:`otellama.observe.summary` needs of each recorded exchange in a
+ring of fixed capacity (default :data:`CAPACITY` exchanges): one ``array('d')`` per sampled quantity (NaN for
 unknown), plus the end time, the model and the outcome. The ring is allocated whole at start and then
-overwrites its oldest slots, so memory is fixed whatever the uptime and the traffic (a ring that grew
-with traffic would read as a slow leak for the first 100,000 exchanges): about 110 bytes an exchange,
-~11 MB at the default capacity, plus the model names (at most :data:`MODEL_LIMIT` distinct ones; later
-newcomers are counted as ``other``, as in the metrics). Adding an exchange is a handful of array stores
-under a lock (about a microsecond), done when the proxy records it.
+overwrites its oldest slots, so memory is fixed whatever the uptime and the traffic (a ring that grew with
+traffic would read as a slow leak for the first 100,000 exchanges): about 110 bytes an exchange, ~11 MB at the
+default capacity, plus the model names (at most :data:`~otellama.sinks.capper.LIMIT` distinct ones; later
+newcomers are counted as ``other``, as in the metrics). Adding an exchange is a handful of array stores under
+a lock (about a microsecond), done when the proxy records it.
 
 A summary covers the exchanges that *ended* within the window (default 15 minutes, at most
 :data:`MAX_WINDOW`). When traffic is so heavy that the ring holds less than the window, the answer says so
 (``complete: false``) and ``since`` is the oldest exchange it could still see. The statistics are
-computed from a copy taken under the lock, by :class:`~otellama.summary.Summary`: the same fields as
+computed from a copy taken under the lock, by :class:`~otellama.observe.summary.Summary`: the same fields as
 ``otellama report --json``.
 """
 
@@ -25,13 +25,12 @@ from array import array
 from collections.abc import Callable
 from typing import Any, Final
 
-from otellama import summary
-from otellama.record import Record
-from otellama.report import ReportError, iso, parse_time
+from otellama.observe import summary
+from otellama.observe.record import Record
+from otellama.observe.times import TimeError, iso, parse_time
+from otellama.sinks.capper import Capper
 
 CAPACITY: Final = 100_000
-MODEL_LIMIT: Final = 100
-OVERFLOW: Final = "other"
 DEFAULT_WINDOW: Final = 15 * 60.0
 MAX_WINDOW: Final = 24 * 3600.0
 _NAN: Final = math.nan
@@ -48,7 +47,7 @@ def _value(value: float | None, digits: int) -> float:
 
 
 def samples_of(record: Record) -> tuple[float, ...]:
-    """The record's :data:`~otellama.summary.SAMPLED` values as its JSONL line has them (NaN for null)."""
+    """The record's :data:`~otellama.observe.summary.SAMPLED` values, as its JSONL line has them."""
     t = record.timings
     ttft = record.time_to_first_content_s
     return (
@@ -82,19 +81,14 @@ class RollingStats:
         )  # input, output; -1: unknown
         self._flags = array("b", [0]) * capacity  # outcome code | 4 if cold start
         self._models: list[str | None] = [None] * capacity
-        self._known: set[str] = set()
+        self._cap = Capper()
 
     def __len__(self) -> int:
         return self._size
 
-    def add(self, record: Record) -> None:
-        """Remember one exchange (called by telemetry for every record)."""
-        model = record.model
-        if model is not None and model not in self._known:
-            if len(self._known) >= MODEL_LIMIT:
-                model = OVERFLOW
-            else:
-                self._known.add(model)
+    def write(self, record: Record) -> None:
+        """Remember one exchange (the fan-out calls it for every record)."""
+        model = None if record.model is None else self._cap("model", record.model)
         values = samples_of(record)
         flags = _CODES.get(record.outcome, 1) | (4 if record.cold_start else 0)
         tokens_in = -1 if record.input_tokens is None else record.input_tokens
@@ -111,6 +105,9 @@ class RollingStats:
             self._models[slot] = model
             self._next = (slot + 1) % self.capacity
             self._size = min(self._size + 1, self.capacity)
+
+    def close(self) -> None:
+        """Nothing to release: the window lives in memory."""
 
     def summary(self, window: float = DEFAULT_WINDOW) -> dict[str, Any]:
         """The exchanges that ended in the last ``window`` seconds, per model, as JSON-ready data."""
@@ -162,7 +159,7 @@ def parse_window(text: str | None) -> float:
         return DEFAULT_WINDOW
     try:
         seconds = -parse_time(text, now=0.0)
-    except ReportError:
+    except TimeError:
         seconds = -1.0
     if not 0 < seconds <= MAX_WINDOW or not any(c.isalpha() for c in text):
         raise ValueError(f"window={text!r}: give a duration up to 24h, like 90s, 15m or 1h")

@@ -2,26 +2,28 @@
 
 This is the only module that talks to the network client. It is a plain ASGI app so that nothing sits
 between an upstream chunk and the client's socket but one ``send``. What the proxy saw of an exchange is
-collected into an :class:`Exchange` and handed to the ``recorder`` callback after the last byte went out;
-telemetry hooks in there and nowhere else.
+collected into an :class:`~otellama.exchange.Exchange`; the recorder is told when it begins and gets it
+back through its :class:`~otellama.exchange.Recording` after the last byte went out. Telemetry hooks in
+there and nowhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
+from otellama.exchange import CANCELLED, ERROR, Exchange, Recorder, Recording
+from otellama.proxy.errors import SHUTDOWN, classify_failure, error_body, json_headers
 from otellama.settings import Upstream
 
-log = logging.getLogger("otellama.proxy")
+log = logging.getLogger("otellama.proxy.forward")
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus Host (rewritten: Ollama answers 403 to a Host it does not know).
 _HOP_BY_HOP = frozenset(
@@ -48,118 +50,11 @@ _LENGTH_REQUIRED = frozenset({"POST", "PUT", "PATCH"})
 #: adds to closing Ollama's request, at most, when the client leaves early (the promise is 100 ms).
 WATCH_DELAY = 0.02
 
-OK, ERROR, CANCELLED = "ok", "error", "cancelled"
 _T = TypeVar("_T")
-
-
-@dataclasses.dataclass(slots=True)
-class Exchange:
-    """What the proxy saw of one request and its response: raw facts, no interpretation.
-
-    Times are ``time.perf_counter()`` readings except :attr:`started_at` (wall clock, for timestamps).
-    """
-
-    method: str
-    path: str
-    query: bytes
-    request_headers: list[tuple[bytes, bytes]]
-    started_at: float
-    t_start: float
-    request_body: bytes | None = None  # whole body when it fit under BODY_CAPTURE_LIMIT
-    request_size: int = 0
-    status: int | None = None  # what the client got
-    response_headers: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
-    t_headers: float | None = None  # upstream response headers arrived
-    t_first_byte: float | None = None  # first body chunk went to the client
-    t_end: float = 0.0
-    response_size: int = 0
-    chunks: int = 0
-    outcome: str = OK  # ok | error | cancelled, from the proxy's point of view (HTTP status aside)
-    error: str | None = None  # what went wrong in transport, in words
-    error_type: str | None = None  # a short, low-cardinality class name for it
-    tap: Any = None  # the recorder's own per-exchange state
-
-    def response_header(self, name: bytes) -> bytes | None:
-        for key, value in self.response_headers:
-            if key.lower() == name:
-                return value
-        return None
-
-
-class Recorder(Protocol):
-    """Where telemetry hooks into the proxy: three calls per exchange, none of which may raise.
-
-    Only :meth:`begin` runs before the response; it must stay cheap (it sets up the trace context that
-    carries ``traceparent`` to Ollama). Everything else happens in :meth:`finish`, after the last byte.
-    """
-
-    def begin(self, exchange: Exchange) -> None:
-        """The request arrived; nothing has been sent upstream yet."""
-
-    def observe(self, exchange: Exchange) -> Callable[[bytes, float], None] | None:
-        """Response headers arrived; return a callback for each body chunk after it went to the client."""
-
-    def finish(self, exchange: Exchange) -> None:
-        """The client has its last byte (or left); record the exchange."""
 
 
 class _ClientGone(Exception):
     """The client disconnected; raised inside the request-body stream to abort the upload."""
-
-
-def _error_body(path: str, message: str) -> bytes:
-    # Clients parse errors in the shape of the API they called: flat for native, OpenAI's for /v1.
-    if path.startswith("/v1/"):
-        return orjson.dumps({"error": {"message": message, "type": "api_error", "param": None, "code": None}})
-    return orjson.dumps({"error": message})
-
-
-class ShuttingDown(Exception):
-    """otellama is stopping and the request outlived ``OTELLAMA_SHUTDOWN_GRACE``."""
-
-
-SHUTDOWN = ShuttingDown()
-
-
-def classify_failure(exc: BaseException, upstream: Upstream) -> tuple[int, str, str]:
-    """Map a failure to (status, message, error type): upstream transport failures (see transport.py's
-    tree), otellama shutting down, and otellama's own bugs (500, named by nothing but "internal")."""
-    where = upstream.url
-    if isinstance(exc, ShuttingDown):
-        return (
-            503,
-            "otellama: shutting down; the request was cut after the grace period (OTELLAMA_SHUTDOWN_GRACE)",
-            "shutdown",
-        )
-    if not isinstance(exc, httpx.TransportError):
-        return 500, "otellama: internal error (details are in otellama's log)", "internal_error"
-    if isinstance(exc, httpx.ReadTimeout):
-        return (
-            504,
-            f"otellama: Ollama at {where} sent nothing within the read timeout (OTELLAMA_READ_TIMEOUT)",
-            "timeout",
-        )
-    if isinstance(exc, httpx.ConnectTimeout):
-        return (
-            502,
-            f"otellama: could not connect to Ollama at {where} within the connect timeout "
-            "(OTELLAMA_CONNECT_TIMEOUT); check OTELLAMA_UPSTREAM / --upstream",
-            "connect_timeout",
-        )
-    if isinstance(exc, httpx.ConnectError):
-        return (
-            502,
-            f"otellama: cannot reach Ollama at {where} ({exc}); is it running? "
-            "Set OTELLAMA_UPSTREAM or --upstream to its address",
-            "connect_error",
-        )
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return (
-            502,
-            f"otellama: Ollama at {where} closed the connection without a valid response",
-            "protocol_error",
-        )
-    return 502, f"otellama: request to Ollama at {where} failed: {exc}", type(exc).__name__
 
 
 class Proxy:
@@ -213,16 +108,14 @@ class Proxy:
             exchange.request_body = body
             state.watch(receive, task)
 
-        recorder = self.recorder
-        if recorder is not None:
-            _guarded(recorder.begin, exchange)
+        recording = _guarded(self.recorder.begin, exchange) if self.recorder is not None else None
         target = scope.get("raw_path", path.encode()) + (b"?" + exchange.query if exchange.query else b"")
         response: httpx.Response | None = None
         try:
             request = self._request(exchange.method, target, headers, content)
             response = await self.transport.handle_async_request(request)
             exchange.t_headers = time.perf_counter()
-            await self._relay(response, exchange, send, state)
+            await self._relay(response, exchange, send, state, recording)
         except asyncio.CancelledError:
             task.uncancel()  # handled here: the exchange ends now, either way
             if state.client_gone:
@@ -246,8 +139,8 @@ class Proxy:
                 await _close(response, state)
             exchange.t_end = time.perf_counter()
             # Recorded whatever happened: a request that began is never missing from the log.
-            if recorder is not None:
-                _guarded(recorder.finish, exchange)
+            if recording is not None:
+                _guarded(recording.finish, exchange)
 
     def _request(
         self,
@@ -281,11 +174,18 @@ class Proxy:
             url = self._urls[target] = httpx.URL(self._base + target.decode("latin-1"))
         return url
 
-    async def _relay(self, response: httpx.Response, exchange: Exchange, send: Send, state: _State) -> None:
+    async def _relay(
+        self,
+        response: httpx.Response,
+        exchange: Exchange,
+        send: Send,
+        state: _State,
+        recording: Recording | None,
+    ) -> None:
         headers = [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP_BY_HOP]
         exchange.status = response.status_code
         exchange.response_headers = headers
-        observe = _guarded(self.recorder.observe, exchange) if self.recorder is not None else None
+        observe = _guarded(recording.observe, exchange) if recording is not None else None
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         state.response_started = True
         size = chunks = 0
@@ -315,19 +215,10 @@ class Proxy:
         if state.finished:
             return  # the response was already complete: nothing left to say
         if not state.response_started:
-            body = _error_body(exchange.path, message)
+            body = error_body(exchange.path, message)
             exchange.status = status
             state.finished = True
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": [
-                        (b"content-type", b"application/json; charset=utf-8"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
+            await send({"type": "http.response.start", "status": status, "headers": json_headers(body)})
             await send({"type": "http.response.body", "body": body})
             return
         ctype = exchange.response_header(b"content-type") or b""

@@ -1,10 +1,11 @@
-"""``otellama report``: what the JSONL log says, per model (or client, operation, endpoint), in the terminal.
+"""Reading the JSONL log back: which files, which lines, grouped how.
 
 :func:`scan` reads log files line by line (a million lines in a few seconds: each line is parsed with orjson
-straight into :class:`~otellama.summary.Group` columns, no :class:`~otellama.record.Record` is built), keeps
-the lines inside the time window and filters, and counts what it had to skip: a line that is not JSON (a crash
-mid-write, a hand edit) or not an otellama record is skipped and counted, never fatal. The statistics are
-:mod:`otellama.summary`'s; this module reads, filters and prints.
+straight into :class:`~otellama.observe.summary.Group` columns, no :class:`~otellama.observe.record.Record` is
+built), keeps the lines inside the time window and filters, and counts what it had to skip: a line that is not
+JSON (a crash mid-write, a hand edit) or not an otellama record is skipped and counted, never fatal. The
+statistics are :mod:`otellama.observe.summary`'s. ``otellama report``, its HTML page and ``otellama replay``
+all read the log through this module.
 
 Times: ``--since``/``--until`` take a duration back from now (``90s``, ``15m``, ``1h``, ``2d``, ``1w``,
 ``1h30m``) or a timestamp (``2026-08-01``, ``2026-08-01T14:00``, ``2026-08-01 14:00:00+02:00``; without an
@@ -20,51 +21,33 @@ import multiprocessing
 import os
 import re
 import threading
-import time
 from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final
 
 import orjson
 
-from otellama import summary, terminal
-from otellama.jsonlog import JsonLog
-from otellama.settings import Settings
+from otellama.observe import summary
+from otellama.observe.times import TimeError, iso, parse_time
+from otellama.settings import Settings, UserError
+from otellama.sinks.jsonlog import JsonLog
 
-_DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
-_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 #: Outcome codes of :attr:`Scan.outcomes`.
 OUTCOME_CODES: Final = {summary.OK: 0, summary.ERROR: 1, summary.CANCELLED: 2}
 
 
-class ReportError(Exception):
+class ReportError(UserError):
     """Something the user can fix (a bad time, a missing file); the message says what to do."""
 
 
-def parse_time(text: str, now: float | None = None) -> float:
-    """``--since``/``--until`` as Unix seconds: a duration back from ``now`` or a timestamp."""
-    value = text.strip()
-    now = time.time() if now is None else now
-    compact = value.replace(" ", "").lower()
-    if compact and _DURATION.sub("", compact) == "":
-        return now - sum(float(n) * _UNITS[unit] for n, unit in _DURATION.findall(compact))
+def read_time(text: str, now: float) -> float:
+    """``--since``/``--until`` as Unix seconds, or a :class:`ReportError` saying what times look like."""
     try:
-        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise ReportError(
-            f"cannot read the time {text!r}: give a duration back from now (15m, 1h, 2d, 1h30m) "
-            "or a timestamp (2026-08-01, 2026-08-01T14:00, 2026-08-01T14:00:00Z)"
-        ) from None
-    return when.timestamp()  # a naive timestamp is local time, as datetime takes it
-
-
-def iso(seconds: float | None) -> str | None:
-    """Unix seconds as ISO 8601 UTC, to the microsecond, like the log's ``timestamp``."""
-    if seconds is None:
-        return None
-    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="microseconds")
+        return parse_time(text, now)
+    except TimeError as exc:
+        raise ReportError(str(exc)) from None
 
 
 def log_files(settings: Settings) -> list[Path]:
@@ -325,127 +308,3 @@ def _scan_part(path: Path, start: int, end: int, by: str, window: Window, timeli
     if result.matched:
         result.first, result.last = first, last
     return result
-
-
-# --- the table ------------------------------------------------------------------------------------------
-_COLUMNS: Final = ("p50", "p95", "p99", "max")
-
-
-def _rows(stats: Mapping[str, Any]) -> list[tuple[str, dict[str, str]]]:
-    def cells(name: str, fmt: Callable[[float | None], str]) -> dict[str, str]:
-        numbers = stats[name]
-        return {k: fmt(v) for k, v in numbers.items() if k != "count"}
-
-    return [
-        ("time to first token", cells("ttft_ms", terminal.duration)),
-        ("generation tokens/s", cells("tokens_per_second", terminal.rate)),
-        ("prompt tokens/s", cells("prompt_tokens_per_second", terminal.rate)),
-        ("load time", cells("load_time_ms", terminal.duration)),
-        ("queue time", cells("queue_time_ms", terminal.duration)),
-        ("end to end", cells("duration_ms", terminal.duration)),
-    ]
-
-
-def group_table(name: str, stats: Mapping[str, Any], style: terminal.Style) -> str:
-    """One group's table: counts on top, then a row per measure with its percentiles."""
-    errors = f"errors {stats['errors']:,} ({terminal.percent(stats['error_pct'])})"
-    cancelled = f"cancelled {stats['cancelled']:,} ({terminal.percent(stats['cancelled_pct'])})"
-    lines = [
-        style(name, "bold"),
-        f"  requests {stats['requests']:,}   "
-        + (style(errors, "red") if stats["errors"] else errors)
-        + "   "
-        + (style(cancelled, "yellow") if stats["cancelled"] else cancelled)
-        + f"   cold starts {stats['cold_starts']:,}",
-        style(f"  {'':<22}" + "".join(f"{c:>11}" for c in _COLUMNS), "dim"),
-    ]
-    for label, cells in _rows(stats):
-        if all(value == "-" for value in cells.values()):
-            continue  # nothing measured (embeddings have no tokens/s, /api/tags no Ollama timings)
-        lines.append((f"  {label:<22}" + "".join(f"{cells.get(c, ''):>11}" for c in _COLUMNS)).rstrip())
-    lines.append(f"  {'tokens':<22}{stats['input_tokens']:>11,} in, {stats['output_tokens']:,} out")
-    return "\n".join(lines)
-
-
-def table(result: Scan, style: terminal.Style | None = None) -> str:
-    """The whole report as text: a heading, a table per group, and the total when there are several."""
-    style = style or terminal.Style(False)
-    data = result.summary.to_json()
-    heading = f"{result.matched:,} exchanges"
-    if result.first is not None and result.last is not None:
-        heading += f" from {_local(result.first)} to {_local(result.last)}"
-    heading += f", by {data['by']}"
-    parts = [style(heading, "bold")]
-    skipped = f"; {result.corrupt:,} corrupt lines skipped" if result.corrupt else ""
-    parts.append(style(f"read {result.lines:,} lines from {files_text(result.files)}{skipped}", "dim"))
-    if not data["groups"]:
-        parts.append("\nno exchanges match" + _filters(result.window))
-        return "\n".join(parts) + "\n"
-    for item in data["groups"]:
-        parts.append("")
-        parts.append(group_table(item["group"] or f"(no {data['by']})", item, style))
-    if len(data["groups"]) > 1:
-        parts.append("")
-        parts.append(group_table("all", data["total"], style))
-    return "\n".join(parts) + "\n"
-
-
-def _local(seconds: float) -> str:
-    return dt.datetime.fromtimestamp(seconds).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
-
-
-def _filters(window: Window) -> str:
-    said = [
-        f"since {_local(window.since)}" if window.since is not None else "",
-        f"until {_local(window.until)}" if window.until is not None else "",
-        f"model {' or '.join(window.models)}" if window.models else "",
-        f"client {' or '.join(window.clients)}" if window.clients else "",
-    ]
-    shown = ", ".join(s for s in said if s)
-    return f" ({shown})" if shown else ""
-
-
-# --- the command ----------------------------------------------------------------------------------------
-def run(
-    files: Sequence[str],
-    *,
-    since: str | None = None,
-    until: str | None = None,
-    models: Sequence[str] = (),
-    clients: Sequence[str] = (),
-    by: str = "model",
-    as_json: bool = False,
-    html: str | None = None,
-    out: TextIO,
-    err: TextIO,
-    environ: Mapping[str, str] | None = None,
-) -> int:
-    """``otellama report``; returns the exit code (0 printed, 2 nothing could be read)."""
-    now = time.time()
-    window = Window(
-        since=parse_time(since, now) if since else None,
-        until=parse_time(until, now) if until else None,
-        models=tuple(models),
-        clients=tuple(clients),
-    )
-    paths = time_order([Path(f) for f in files]) if files else log_files(Settings.from_env(environ))
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise ReportError(f"no such log file: {', '.join(missing)}")
-    result = scan(paths, by, window, timeline=html is not None)
-    if result.corrupt:
-        err.write(f"otellama report: skipped {result.corrupt:,} corrupt or foreign lines\n")
-    if html is not None:
-        from otellama import charts
-
-        target = Path(html)
-        try:
-            target.write_text(charts.page(result), encoding="utf-8")
-        except OSError as exc:
-            raise ReportError(f"cannot write {target}: {exc.strerror or exc}") from None
-        err.write(f"otellama report: wrote {target}\n")
-    if as_json:
-        out.write(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        out.write(table(result, terminal.Style.for_stream(out)))
-    return 0

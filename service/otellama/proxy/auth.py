@@ -42,7 +42,7 @@ from starlette.types import Scope, Send
 
 from otellama.settings import Settings, SettingsError
 
-log = logging.getLogger("otellama.auth")
+log = logging.getLogger("otellama.proxy.auth")
 
 #: Shortest key accepted. ``ollama``, the placeholder the OpenAI client needs, is no key at all.
 MIN_KEY_LENGTH: Final = 16

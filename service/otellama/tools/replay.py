@@ -1,10 +1,11 @@
 """``otellama replay``: re-export logged exchanges as traces, so that a collector outage loses nothing.
 
-Each JSONL line is read back into its :class:`~otellama.record.Record` and rendered by the very function that
-rendered it live, :func:`otellama.telemetry.render_spans`: the server span, the GenAI span and the phase spans
-come out with their original trace ids, span ids, parents, timestamps, attributes and status, under the same
-resource (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``). Only the span of the upstream HTTP call (made
-by the httpx instrumentation, not from the record) is not in the log, so it is not replayed.
+Each JSONL line is read back into its :class:`~otellama.observe.record.Record` and rendered by the very
+function that rendered it live, :func:`otellama.sinks.otel.spans.render_spans`: the server span, the GenAI
+span and the phase spans come out with their original trace ids, span ids, parents, timestamps, attributes and
+status, under the same resource (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``). Only the span of the
+upstream HTTP call (made by the httpx instrumentation, not from the record) is not in the log, so it is not
+replayed.
 
 Export goes where live export goes, configured by the standard variables (``OTEL_EXPORTER_OTLP_ENDPOINT``
 or ``..._TRACES_ENDPOINT``, ``..._PROTOCOL``, ``..._HEADERS``, ``..._TIMEOUT``, ...). Spans are exported in
@@ -30,16 +31,17 @@ from typing import Final, TextIO
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from otellama import report, terminal
-from otellama.record import Record
+from otellama.observe.record import Record
 from otellama.settings import Settings
-from otellama.telemetry import _span_exporter, otlp_protocol, render_spans, resource
+from otellama.sinks.otel.export import disabled, otlp_protocol, resource, span_exporter
+from otellama.sinks.otel.spans import render_spans
+from otellama.tools import logscan, terminal
 
 BATCH_SPANS: Final = 512
 GIVE_UP_AFTER: Final = 3
 
 
-class ReplayError(report.ReportError):
+class ReplayError(logscan.ReportError):
     """Replay cannot start (no endpoint configured, no log); the message says what to do."""
 
 
@@ -73,14 +75,14 @@ def endpoint_of(exporter: SpanExporter, environ: Mapping[str, str]) -> str:
 def replay(
     files: Sequence[Path],
     exporter: SpanExporter,
-    window: report.Window | None = None,
+    window: logscan.Window | None = None,
     *,
     environ: Mapping[str, str] | None = None,
     progress: terminal.Progress | None = None,
 ) -> Outcome:
     """Render every sampled exchange of ``files`` inside ``window`` and export it through ``exporter``."""
     env = os.environ if environ is None else environ
-    window = window or report.Window()
+    window = window or logscan.Window()
     since = window.since if window.since is not None else float("-inf")
     until = window.until if window.until is not None else float("inf")
     spans_resource = resource(env)
@@ -120,9 +122,9 @@ def replay(
             progress.update(read, f"{outcome.exported + pending:,} exchanges")
 
     try:
-        for raw in report.lines_of(files, heard):
-            line = report.parse(raw)
-            start = report.start_of(line) if line is not None else None
+        for raw in logscan.lines_of(files, heard):
+            line = logscan.parse(raw)
+            start = logscan.start_of(line) if line is not None else None
             if line is None or start is None:
                 outcome.corrupt += 1
                 continue
@@ -146,20 +148,6 @@ def replay(
         if progress is not None:
             progress.close()
     return outcome
-
-
-def exporter_for(protocol: str, endpoint: str | None = None) -> SpanExporter:
-    """The OTLP span exporter live export would use; ``endpoint`` (a base URL, like
-    ``OTEL_EXPORTER_OTLP_ENDPOINT``) overrides the configured one. The rest comes from the environment."""
-    if endpoint is None:
-        return _span_exporter(protocol)
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpans
-
-        return GrpcSpans(endpoint=endpoint)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpans
-
-    return HttpSpans(endpoint=endpoint.rstrip("/") + "/v1/traces")
 
 
 def run(
@@ -187,7 +175,7 @@ def run(
         env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = protocol
     chosen = otlp_protocol(env, "traces")
     if chosen is None:
-        if (env.get("OTEL_SDK_DISABLED") or "").strip().lower() == "true":
+        if disabled(env):
             raise ReplayError("OTEL_SDK_DISABLED=true turns OTLP export off; unset it to replay")
         raise ReplayError(
             "no OTLP endpoint to replay to: pass --endpoint or set OTEL_EXPORTER_OTLP_ENDPOINT "
@@ -196,18 +184,18 @@ def run(
     if chosen not in ("grpc", "http/protobuf"):
         raise ReplayError(f"OTLP protocol {chosen!r} is not supported: use grpc or http/protobuf")
     now = time.time()
-    window = report.Window(
-        since=report.parse_time(since, now) if since else None,
-        until=report.parse_time(until, now) if until else None,
+    window = logscan.Window(
+        since=logscan.read_time(since, now) if since else None,
+        until=logscan.read_time(until, now) if until else None,
         models=tuple(models),
         clients=tuple(clients),
     )
     paths = [Path(f) for f in files]
-    paths = report.time_order(paths) if paths else report.log_files(Settings.from_env(env))
+    paths = logscan.time_order(paths) if paths else logscan.log_files(Settings.from_env(env))
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ReplayError(f"no such log file: {', '.join(missing)}")
-    exporter = exporter_for(chosen, endpoint)
+    exporter = span_exporter(chosen, endpoint)
     where = endpoint_of(exporter, env)
     style = terminal.Style.for_stream(err)
     progress = terminal.Progress(err, sum(p.stat().st_size for p in paths), "replaying")

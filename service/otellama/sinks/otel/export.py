@@ -1,0 +1,136 @@
+"""Export: the OTLP exporters built from the standard ``OTEL_*`` variables, counted when they fail, and the
+service's resource. Shared by live export and ``otellama replay``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from otellama import __version__
+from otellama.settings import otel_flag
+
+log = logging.getLogger(__name__)
+
+
+class CountingSpanExporter(SpanExporter):
+    """Wraps an exporter to count failed batches: the SDK's processors ignore export results."""
+
+    def __init__(self, inner: SpanExporter, on_failure: Callable[[str], None]) -> None:
+        self.inner, self.on_failure = inner, on_failure
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.inner.export(spans)
+        except Exception as exc:
+            result = SpanExportResult.FAILURE
+            log.debug("span export raised", exc_info=exc)
+        if result is not SpanExportResult.SUCCESS:
+            self.on_failure("traces")
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+class CountingMetricExporter(MetricExporter):
+    """The metric side of :class:`CountingSpanExporter`."""
+
+    def __init__(self, inner: MetricExporter, on_failure: Callable[[str], None]) -> None:
+        super().__init__(inner._preferred_temporality, inner._preferred_aggregation)
+        self.inner, self.on_failure = inner, on_failure
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        try:
+            result = self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        except Exception as exc:
+            result = MetricExportResult.FAILURE
+            log.debug("metric export raised", exc_info=exc)
+        if result is not MetricExportResult.SUCCESS:
+            self.on_failure("metrics")
+        return result
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+def _env(environ: Mapping[str, str], *names: str) -> str | None:
+    for name in names:
+        value = environ.get(name, "").strip()
+        if value:
+            return value
+    return None
+
+
+def disabled(environ: Mapping[str, str]) -> bool:
+    """``OTEL_SDK_DISABLED``, read as the SDK reads it: only ``true`` (any case) disables."""
+    return otel_flag(environ, "OTEL_SDK_DISABLED")
+
+
+def otlp_protocol(environ: Mapping[str, str], signal: str) -> str | None:
+    """The OTLP protocol for ``signal`` (traces, metrics), or None when no endpoint is configured.
+
+    Export is on only when an endpoint is set, so a laptop without a collector gets no error spam. The
+    SDK reads ``OTEL_EXPORTER_OTLP_PROTOCOL`` only in its auto-configuration; we build exporters ourselves,
+    so it is honoured here. The default is the spec's, ``http/protobuf``.
+    """
+    upper = signal.upper()
+    if disabled(environ):
+        return None
+    if _env(environ, f"OTEL_EXPORTER_OTLP_{upper}_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT") is None:
+        return None
+    return (
+        _env(environ, f"OTEL_EXPORTER_OTLP_{upper}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    )
+
+
+def span_exporter(protocol: str, endpoint: str | None = None) -> SpanExporter:
+    """The OTLP span exporter for ``protocol`` (``grpc`` or ``http/protobuf``), as live export and replay use.
+
+    The exporters read endpoint, headers, timeout, compression and certificates from the standard
+    variables themselves (and append ``/v1/traces`` to a base endpoint over HTTP, as users expect);
+    ``endpoint``, a base URL like ``OTEL_EXPORTER_OTLP_ENDPOINT``, overrides the configured one.
+    """
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpans
+
+        return GrpcSpans() if endpoint is None else GrpcSpans(endpoint=endpoint)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpans
+
+    return HttpSpans() if endpoint is None else HttpSpans(endpoint=endpoint.rstrip("/") + "/v1/traces")
+
+
+def metric_exporter(protocol: str) -> MetricExporter:
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcMetrics
+
+        return GrpcMetrics()
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetrics
+
+    return HttpMetrics()
+
+
+def resource(environ: Mapping[str, str]) -> Resource:
+    """``service.name`` defaults to ``otellama``; ``OTEL_SERVICE_NAME``/``OTEL_RESOURCE_ATTRIBUTES`` win."""
+    # An empty variable is unset (spec); keys are matched whole ("app.service.name" is another key).
+    keys = {item.split("=", 1)[0].strip() for item in environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")}
+    named = bool(environ.get("OTEL_SERVICE_NAME", "").strip()) or "service.name" in keys
+    attributes: dict[str, str] = {"service.version": __version__}
+    if not named:
+        attributes["service.name"] = "otellama"
+    return Resource.create(attributes)

@@ -1,0 +1,215 @@
+"""The OpenTelemetry sink: each record's spans and metrics through the SDK, and the trace context an exchange
+carries to Ollama.
+
+:class:`OtelSink` builds the providers from the standard ``OTEL_*`` environment (tests inject a tracer
+provider and extra metric readers): a Prometheus reader of its own for ``/otellama/metrics``, always; OTLP
+metric and span export when an endpoint is configured. Spans are built finished by
+:func:`~otellama.sinks.otel.spans.render_spans` and handed to the provider's span processors; the metrics
+recorded for every exchange are aggregated by :mod:`~otellama.sinks.otel.aggregates`, the rare failure
+counters by the SDK.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.propagate import extract, get_global_textmap
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, TraceBasedExemplarFilter
+from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+
+from otellama.exchange import Exchange
+from otellama.observe.ollama import Endpoint
+from otellama.observe.record import Record, TraceIds
+from otellama.sinks.capper import Capper
+from otellama.sinks.complaints import Complaints
+from otellama.sinks.otel import semconv
+from otellama.sinks.otel.aggregates import Aggregates, Key
+from otellama.sinks.otel.export import (
+    CountingMetricExporter,
+    CountingSpanExporter,
+    disabled,
+    metric_exporter,
+    otlp_protocol,
+    resource,
+    span_exporter,
+)
+from otellama.sinks.otel.exportqueue import CountedBatchSpanProcessor
+from otellama.sinks.otel.metrics import Instruments, record_metrics
+from otellama.sinks.otel.spans import PHASE_SPANS, SCOPE, render_spans
+
+log = logging.getLogger(__name__)
+
+
+class Started:
+    """What :meth:`OtelSink.start` set up for one exchange, handed back to :meth:`OtelSink.stop`."""
+
+    __slots__ = ("ids", "operation", "token")
+
+    def __init__(
+        self, ids: TraceIds, token: contextvars.Token[otel_context.Context] | None, operation: Key
+    ) -> None:
+        self.ids, self.token, self.operation = ids, token, operation
+
+
+class OtelSink:
+    """Spans and metrics of every record, and the trace context of every exchange (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        metric_readers: Sequence[MetricReader] = (),
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import CollectorRegistry
+
+        env = os.environ if environ is None else environ
+        self._complain = Complaints(log)
+        self._own_providers: list[Any] = []
+        self.registry = CollectorRegistry()
+        readers: list[MetricReader] = [PrometheusMetricReader(registry=self.registry), *metric_readers]
+        metrics_protocol = otlp_protocol(env, "metrics")
+        if metrics_protocol is not None:
+            exporter = CountingMetricExporter(metric_exporter(metrics_protocol), self._export_failed)
+            readers.append(PeriodicExportingMetricReader(exporter))
+        # Exemplars only travel over OTLP (the Prometheus reader drops them): don't pay for them otherwise.
+        wanted = metrics_protocol is not None or bool(metric_readers)
+        metrics_resource = resource(env)
+        self.meter_provider = meter_provider = SdkMeterProvider(
+            metric_readers=readers,
+            resource=metrics_resource,
+            exemplar_filter=TraceBasedExemplarFilter() if wanted else AlwaysOffExemplarFilter(),
+        )
+        self._own_providers.append(meter_provider)
+        self.aggregates = Aggregates(metrics_resource, SCOPE, exemplars=wanted)
+        if not disabled(env):  # a disabled SDK's meters record nothing; ours follow suit (README)
+            for reader in readers:
+                self.aggregates.attach(reader)
+        self.instruments = Instruments(meter_provider.get_meter(SCOPE.name, SCOPE.version), self.aggregates)
+
+        traces_protocol = otlp_protocol(env, "traces")
+        tracing = tracer_provider is not None or traces_protocol is not None
+        if tracer_provider is None:
+            tracer_provider = TracerProvider(resource=resource(env))
+            self._own_providers.append(tracer_provider)
+            if traces_protocol is not None:
+                exporter_ = CountingSpanExporter(span_exporter(traces_protocol), self._export_failed)
+                # A bounded queue (a dead collector cannot grow memory) whose drops are counted.
+                tracer_provider.add_span_processor(CountedBatchSpanProcessor(exporter_, meter_provider))
+        self.tracer_provider = tracer_provider
+        self.sampler = tracer_provider.sampler
+        # Finished spans go straight to the provider's processors (see render_spans). A provider disabled
+        # by OTEL_SDK_DISABLED hands out a no-op tracer, which has none.
+        tracer = tracer_provider.get_tracer(SCOPE.name, SCOPE.version)
+        self._spans: SpanProcessor | None = getattr(tracer, "span_processor", None) if tracing else None
+        self._resource = getattr(tracer, "resource", None) or resource(env)
+        #: Whether spans are recorded (and the upstream call is traced, carrying ``traceparent``).
+        self.tracing = self._spans is not None
+        self.cap = Capper()
+        self._random = random.Random()
+        # The headers the configured propagators (OTEL_PROPAGATORS) read: traceparent, tracestate, baggage.
+        self._trace_headers = frozenset(f.lower().encode("latin-1") for f in get_global_textmap().fields)
+
+    # --- per exchange ----------------------------------------------------------------------------------
+    def start(self, exchange: Exchange, endpoint: Endpoint | None) -> Started:
+        """The request arrived: count it in flight, pick its trace ids and make them the current context,
+        so that the traced upstream call becomes a child of the GenAI span-to-be."""
+        operation: Key = ((semconv.OPERATION, endpoint.operation),) if endpoint is not None else ()
+        self.instruments.in_flight.add(1, operation)
+        parent_context = None
+        parent = trace.INVALID_SPAN_CONTEXT
+        fields = self._trace_headers
+        if any(name in fields for name, _ in exchange.request_headers):  # most clients send none
+            parent_context = extract(_HeaderCarrier(exchange.request_headers, fields))
+            parent = trace.get_current_span(parent_context).get_span_context()
+        bits = self._random.getrandbits
+        trace_id = parent.trace_id if parent.is_valid else bits(128)
+        server_span_id = bits(64)
+        genai_span_id = bits(64) if endpoint is not None else None
+        sampled = True
+        if self.tracing:
+            decision = self.sampler.should_sample(
+                parent_context if parent.is_valid else None, trace_id, exchange.path, SpanKind.SERVER
+            )
+            sampled = decision.decision is Decision.RECORD_AND_SAMPLE
+        ids = TraceIds(
+            trace_id=trace_id,
+            server_span_id=server_span_id,
+            genai_span_id=genai_span_id,
+            parent_span_id=parent.span_id if parent.is_valid else None,
+            sampled=sampled,
+        )
+        token = None
+        if self.tracing:
+            flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+            context = SpanContext(
+                trace_id, genai_span_id or server_span_id, is_remote=False, trace_flags=flags
+            )
+            token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(context)))
+        return Started(ids, token, operation)
+
+    def stop(self, started: Started) -> TraceIds:
+        """The exchange is over: no longer in flight; its ids, with the phase spans' drawn if it has any."""
+        self.instruments.in_flight.add(-1, started.operation)
+        if started.token is not None:
+            otel_context.detach(started.token)
+        ids = started.ids
+        if ids.genai_span_id is not None and ids.sampled:
+            draw = self._random.getrandbits
+            ids = TraceIds(
+                ids.trace_id, ids.server_span_id, ids.genai_span_id, ids.parent_span_id, ids.sampled,
+                {name: draw(64) for name in PHASE_SPANS},
+            )  # fmt: skip
+        return ids
+
+    # --- the sink ----------------------------------------------------------------------------------------
+    def write(self, record: Record) -> None:
+        """Render the record's spans (if sampled) and record its metrics, with its span as exemplar."""
+        exemplar = None
+        if self._spans is not None and record.ids.sampled:
+            try:
+                for span in render_spans(record, self._resource):
+                    self._spans.on_end(span)
+            except Exception as exc:
+                self._complain("rendering spans failed: %r", exc)
+            ids = record.ids
+            exemplar = (ids.trace_id, ids.genai_span_id or ids.server_span_id)
+        record_metrics(self.instruments, record, self.cap, exemplar)
+
+    def log_failed(self) -> None:
+        """Count a JSONL line that could not be written."""
+        self.instruments.log_failures.add(1)
+
+    def prometheus(self) -> bytes:
+        """The metrics in Prometheus text format, for ``GET /otellama/metrics``."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+    def close(self) -> None:
+        """Flush and stop what this sink built (an injected tracer provider belongs to its owner)."""
+        for provider in self._own_providers:
+            provider.shutdown()
+
+    def _export_failed(self, signal: str) -> None:
+        self.instruments.export_failures.add(1, {semconv.SIGNAL: signal})
+        self._complain("OTLP export of %s failed; is the collector at the configured endpoint up?", signal)
+
+
+class _HeaderCarrier(dict[str, str]):
+    """ASGI headers as the mapping OpenTelemetry's propagators read ``traceparent`` (or B3...) from."""
+
+    def __init__(self, headers: Sequence[tuple[bytes, bytes]], fields: frozenset[bytes]) -> None:
+        super().__init__((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k in fields)
