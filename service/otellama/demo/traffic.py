@@ -1,4 +1,5 @@
-"""``python -m otellama.traffic``: a steady mix of Ollama client calls, for the demo stack and the stack test.
+"""``python -m otellama.demo.traffic``: a steady mix of Ollama client calls, for the demo stack and the stack
+test.
 
 Between them the scenarios produce every kind of exchange otellama tells apart, so every chart of the bundled
 Grafana dashboards has something to show: streamed and non-streamed chat and generate, embeddings, an
@@ -33,7 +34,7 @@ import httpx
 
 from otellama.emulator import FAULT_HEADER, FAULT_MIDSTREAM_ERROR
 
-log = logging.getLogger("otellama.traffic")
+log = logging.getLogger("otellama.demo.traffic")
 
 CHAT_MODEL: Final = "llama3.2:3b"
 CHAT_MODELS: Final = (CHAT_MODEL, "gemma3:1b", "qwen3:14b")
@@ -202,7 +203,7 @@ def _wait_until_up(target: str, stop: threading.Event) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m otellama.traffic", description="Send a steady mix of Ollama client calls."
+        prog="python -m otellama.demo.traffic", description="Send a steady mix of Ollama client calls."
     )
     parser.add_argument(
         "--target",
