@@ -131,9 +131,11 @@ class Runtime:
         return self._in_flight
 
     def add(self, card: Card) -> None:
+        """Install a model (replacing one of the same name), not loaded."""
         self.models[model_key(card.name)] = Model(card, self.settings.parallel, self.settings.keep_alive)
 
     def find(self, name: str) -> Model:
+        """The installed model of that name, matched as Ollama matches; else Ollama's 400 or 404."""
         if not name:
             raise HTTPError(400, "model is required")
         model = self.models.get(model_key(name))
