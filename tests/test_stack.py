@@ -33,8 +33,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from otellama import traffic
 from otellama.app import create_app
+from otellama.demo import traffic
 from otellama.emulator import EmulatorSettings, create_emulator
 from otellama.server import BackgroundServer
 from otellama.settings import Settings, Upstream
@@ -548,7 +548,7 @@ def test_every_panel_query_returns_data(stack: Stack, path: Path, variant: str) 
 def test_demo_traffic_generator_runs_until_told_to_stop(
     serve: Callable[..., str], proxy_to: Callable[..., str]
 ) -> None:
-    """What the demo profile's `traffic` service runs (`python -m otellama.traffic`), for one second."""
+    """What the demo profile's `traffic` service runs (`python -m otellama.demo.traffic`), for one second."""
     proxy = proxy_to(serve(create_emulator(EmulatorSettings(load_seconds=0.05, token_rate=0))))
     started = time.monotonic()
     argv = ["--target", proxy, "--workers", "2", "--pause", "0.01", "--seconds", "1"]

@@ -1,4 +1,5 @@
-"""``python -m otellama.traffic``: a steady mix of Ollama client calls, for the demo stack and the stack test.
+"""``python -m otellama.demo.traffic``: a steady mix of Ollama client calls, for the demo stack and the stack
+test.
 
 Between them the scenarios produce every kind of exchange otellama tells apart, so every chart of the bundled
 Grafana dashboards has something to show: streamed and non-streamed chat and generate, embeddings, an
@@ -9,7 +10,8 @@ mid-stream.
 The midway failure uses the emulator's ``X-Emulator-Fault`` header; a real Ollama ignores it and that
 exchange simply succeeds. :func:`run_round` runs every scenario once, in order (the stack test uses it);
 :func:`main` loops forever over a weighted random pick of them, from a few worker threads (the ``demo``
-profile of ``docker-compose.yml`` runs it).
+profile of ``docker-compose.yml`` runs it). What it asks for (models, prompts, clients) is the workload it
+shares with ``otellama demo`` (:mod:`otellama.demo.workload`).
 """
 
 from __future__ import annotations
@@ -31,20 +33,24 @@ from typing import Any, Final
 
 import httpx
 
-from otellama.emulator import FAULT_HEADER, FAULT_MIDSTREAM_ERROR
+from otellama.demo.workload import (
+    CHAT_MODEL,
+    CHAT_MODELS,
+    CHAT_PROMPT,
+    CLIENTS,
+    CONCURRENT,
+    EMBED_INPUT,
+    EMBED_MODEL,
+    GREETING,
+    LINES_BEFORE_HANGUP,
+    MIDSTREAM_FAULT,
+    QUESTION,
+    SHORT_PROMPT,
+    UNKNOWN_MODEL,
+    client_headers,
+)
 
-log = logging.getLogger("otellama.traffic")
-
-CHAT_MODEL: Final = "llama3.2:3b"
-CHAT_MODELS: Final = (CHAT_MODEL, "gemma3:1b", "qwen3:14b")
-EMBED_MODEL: Final = "nomic-embed-text"
-UNKNOWN_MODEL: Final = "no-such-model:1b"
-CLIENT_HEADER: Final = "X-Client-Name"
-#: Who the demo traffic pretends to be; None sends no client header at all.
-CLIENTS: Final = ("open-webui", "langchain-app", "notebook", None)
-#: Lines a hanging-up client reads before it closes the stream.
-_LINES_BEFORE_HANGUP: Final = 2
-_PROMPTS: Final = ("Why is the sky blue?", "Name three colours.", "Write a haiku about rain.", "Hi")
+log = logging.getLogger("otellama.demo.traffic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +62,7 @@ class Caller:
     model: str = CHAT_MODEL
 
     def headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        headers = {CLIENT_HEADER: self.client} if self.client else {}
-        return headers | (extra or {})
+        return client_headers(self.client) | (extra or {})
 
     def call(self, path: str, body: dict[str, Any]) -> str:
         """A non-streamed call: the whole body is read; returns the status code."""
@@ -86,28 +91,28 @@ def _chat_body(caller: Caller, prompt: str, stream: bool) -> dict[str, Any]:
 
 
 def generate_stream(c: Caller) -> str:
-    lines = c.stream("/api/generate", {"model": c.model, "prompt": _PROMPTS[0]})
+    lines = c.stream("/api/generate", {"model": c.model, "prompt": QUESTION})
     return f"{lines} lines"
 
 
 def generate(c: Caller) -> str:
-    return c.call("/api/generate", {"model": c.model, "prompt": _PROMPTS[1], "stream": False})
+    return c.call("/api/generate", {"model": c.model, "prompt": SHORT_PROMPT, "stream": False})
 
 
 def chat_stream(c: Caller) -> str:
-    return f"{c.stream('/api/chat', _chat_body(c, _PROMPTS[2], stream=True))} lines"
+    return f"{c.stream('/api/chat', _chat_body(c, CHAT_PROMPT, stream=True))} lines"
 
 
 def chat(c: Caller) -> str:
-    return c.call("/api/chat", _chat_body(c, _PROMPTS[3], stream=False))
+    return c.call("/api/chat", _chat_body(c, GREETING, stream=False))
 
 
 def embed(c: Caller) -> str:
-    return c.call("/api/embed", {"model": EMBED_MODEL, "input": ["first text", "second text"]})
+    return c.call("/api/embed", {"model": EMBED_MODEL, "input": list(EMBED_INPUT)})
 
 
 def openai_chat(c: Caller) -> str:
-    body = {"model": c.model, "messages": [{"role": "user", "content": _PROMPTS[3]}]}
+    body = {"model": c.model, "messages": [{"role": "user", "content": GREETING}]}
     return c.call("/v1/chat/completions", body)
 
 
@@ -122,7 +127,7 @@ def cold_start(c: Caller) -> str:
     return generate_stream(c)
 
 
-def burst(c: Caller, size: int = 4) -> str:
+def burst(c: Caller, size: int = CONCURRENT) -> str:
     """Several requests at once for one model, so that some wait for a free slot (queue time)."""
     with concurrent.futures.ThreadPoolExecutor(size) as pool:
         replies = list(pool.map(lambda _: generate(c), range(size)))
@@ -130,17 +135,17 @@ def burst(c: Caller, size: int = 4) -> str:
 
 
 def unknown_model(c: Caller) -> str:
-    return c.call("/api/generate", {"model": UNKNOWN_MODEL, "prompt": "hi", "stream": False})
+    return c.call("/api/generate", {"model": UNKNOWN_MODEL, "prompt": GREETING, "stream": False})
 
 
 def midstream_error(c: Caller) -> str:
-    fault = {FAULT_HEADER: FAULT_MIDSTREAM_ERROR}
-    return f"{c.stream('/api/chat', _chat_body(c, _PROMPTS[0], stream=True), headers=fault)} lines"
+    body = _chat_body(c, CHAT_PROMPT, stream=True)
+    return f"{c.stream('/api/chat', body, headers=MIDSTREAM_FAULT)} lines"
 
 
 def hang_up(c: Caller) -> str:
     """A client that reads the first lines of a stream and disconnects: a cancelled exchange."""
-    lines = c.stream("/api/chat", _chat_body(c, _PROMPTS[2], stream=True), hang_up_after=_LINES_BEFORE_HANGUP)
+    lines = c.stream("/api/chat", _chat_body(c, CHAT_PROMPT, stream=True), hang_up_after=LINES_BEFORE_HANGUP)
     return f"left after {lines} lines"
 
 
@@ -202,7 +207,7 @@ def _wait_until_up(target: str, stop: threading.Event) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m otellama.traffic", description="Send a steady mix of Ollama client calls."
+        prog="python -m otellama.demo.traffic", description="Send a steady mix of Ollama client calls."
     )
     parser.add_argument(
         "--target",

@@ -7,6 +7,9 @@ unknown model, and a burst of concurrent streams that have to queue for the mode
 the ``otellama report`` table, where the JSONL log and the HTML page are, one exchange's phases drawn to
 scale, and how to put otellama in front of a real Ollama. With ``otlp`` it also exports to a collector.
 
+What it asks for (models, prompts, clients) is the workload it shares with the traffic generator
+(:mod:`otellama.demo.workload`).
+
 Needs the official ``ollama`` client (``pip install 'otellama[demo]'``; ``make demo`` installs it).
 """
 
@@ -25,17 +28,30 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from otellama.app import create_app
-from otellama.emulator import FAULT_HEADER, FAULT_MIDSTREAM_ERROR, EmulatorSettings, create_emulator
+from otellama.demo.workload import (
+    CHAT_MODEL,
+    CHAT_PROMPT,
+    CLIENTS,
+    CONCURRENT,
+    EMBED_INPUT,
+    EMBED_MODEL,
+    GREETING,
+    LINES_BEFORE_HANGUP,
+    MIDSTREAM_FAULT,
+    QUESTION,
+    SHORT_PROMPT,
+    SMALL_MODEL,
+    STEADY,
+    STEADY_CLIENTS,
+    UNKNOWN_MODEL,
+    client_headers,
+)
+from otellama.emulator import EmulatorSettings, create_emulator
 from otellama.observe.record import Record
 from otellama.server import BackgroundServer
 from otellama.settings import Settings, Upstream
 from otellama.tools import charts, logscan, report, terminal
 
-CHAT_MODEL = "llama3.2:3b"
-SMALL_MODEL = "gemma3:1b"
-EMBED_MODEL = "nomic-embed-text"
-CONCURRENT = 6
-STEADY, STEADY_CLIENTS = 24, 4
 PHASE_LABELS = {"queue": "queue", "load": "load", "prompt_eval": "prompt eval", "eval": "generation"}
 
 
@@ -55,25 +71,23 @@ def _together(work: Callable[[int], None], clients: int) -> None:
 def _script(client: Any, failing: Any, url: str) -> list[Step]:
     import ollama
 
-    question = "Why is the sky blue? Explain it to a curious ten-year-old."
-
     def stream_generate(model: str) -> Callable[[], str]:
         def call() -> str:
-            parts = [c["response"] for c in client.generate(model=model, prompt=question, stream=True)]
+            parts = [c["response"] for c in client.generate(model=model, prompt=QUESTION, stream=True)]
             return f"{len(parts)} chunks: {''.join(parts)[:38]!r}…"
 
         return call
 
     def generate(model: str) -> Callable[[], str]:
         def call() -> str:
-            reply = client.generate(model=model, prompt="Name a colour.", options={"temperature": 0.2})
+            reply = client.generate(model=model, prompt=SHORT_PROMPT, options={"temperature": 0.2})
             return f"{reply['eval_count']} tokens in {reply['eval_duration'] / 1e6:.0f} ms"
 
         return call
 
     def stream_chat(model: str) -> Callable[[], str]:
         def call() -> str:
-            messages = [{"role": "user", "content": "Tell me a joke about proxies."}]
+            messages = [{"role": "user", "content": CHAT_PROMPT}]
             parts = [
                 c["message"]["content"] for c in client.chat(model=model, messages=messages, stream=True)
             ]
@@ -82,16 +96,16 @@ def _script(client: Any, failing: Any, url: str) -> list[Step]:
         return call
 
     def chat() -> str:
-        reply = client.chat(model=CHAT_MODEL, messages=[{"role": "user", "content": "Hi!"}])
+        reply = client.chat(model=CHAT_MODEL, messages=[{"role": "user", "content": GREETING}])
         return f"{reply['eval_count']} tokens, done_reason {reply['done_reason']}"
 
     def embed() -> str:
-        reply = client.embed(model=EMBED_MODEL, input=["first text", "second text"])
+        reply = client.embed(model=EMBED_MODEL, input=list(EMBED_INPUT))
         return f"{len(reply['embeddings'])} vectors of {len(reply['embeddings'][0])} dimensions"
 
     def cancelled() -> str:
-        stream = client.generate(model=CHAT_MODEL, prompt=question, stream=True)
-        seen = [next(stream)["response"] for _ in range(4)]
+        stream = client.generate(model=CHAT_MODEL, prompt=QUESTION, stream=True)
+        seen = [next(stream)["response"] for _ in range(LINES_BEFORE_HANGUP)]
         stream.close()  # closes the connection mid-stream, as a user pressing Ctrl-C does
         return f"hung up after {len(seen)} chunks"
 
@@ -99,7 +113,7 @@ def _script(client: Any, failing: Any, url: str) -> list[Step]:
         chunks = 0
         try:
             for _ in failing.chat(
-                model=CHAT_MODEL, messages=[{"role": "user", "content": "Go on."}], stream=True
+                model=CHAT_MODEL, messages=[{"role": "user", "content": CHAT_PROMPT}], stream=True
             ):
                 chunks += 1
         except ollama.ResponseError as exc:
@@ -108,7 +122,7 @@ def _script(client: Any, failing: Any, url: str) -> list[Step]:
 
     def unknown() -> str:
         try:
-            client.generate(model="no-such-model", prompt="hi")
+            client.generate(model=UNKNOWN_MODEL, prompt=GREETING)
         except ollama.ResponseError as exc:
             return f"ResponseError {exc.status_code}: {exc.error}"
         return "unexpectedly succeeded"
@@ -118,7 +132,7 @@ def _script(client: Any, failing: Any, url: str) -> list[Step]:
         lock = threading.Lock()
 
         def one(i: int) -> None:
-            with ollama.Client(host=url, headers={"X-Client-Name": f"worker-{i % 2}"}) as own:
+            with ollama.Client(host=url, headers=client_headers(CLIENTS[i % len(CLIENTS)])) as own:
                 messages = [{"role": "user", "content": f"Summarise document {i}."}]
                 n = sum(1 for _ in own.chat(model=CHAT_MODEL, messages=messages, stream=True))
             with lock:
@@ -133,7 +147,7 @@ def _script(client: Any, failing: Any, url: str) -> list[Step]:
         done: list[str] = []
 
         def worker(i: int) -> None:
-            with ollama.Client(host=url, headers={"X-Client-Name": ("notebook", "batch-job")[i % 2]}) as own:
+            with ollama.Client(host=url, headers=client_headers(CLIENTS[i % len(CLIENTS)])) as own:
                 for j in range(STEADY // STEADY_CLIENTS):
                     model = (CHAT_MODEL, SMALL_MODEL)[(i + j) % 2]
                     prompt = "Summarise this: " + "lorem ipsum dolor " * (5 + 40 * ((i * 7 + j * 3) % 5))
@@ -164,7 +178,7 @@ def _script(client: Any, failing: Any, url: str) -> list[Step]:
         Step(f"{EMBED_MODEL}: embed (cold start)", embed),
         Step(f"{CHAT_MODEL}: stream cancelled by the client", cancelled),
         Step(f"{CHAT_MODEL}: stream that fails midway", midstream_error),
-        Step("no-such-model: generate", unknown),
+        Step(f"{UNKNOWN_MODEL}: generate", unknown),
         Step(f"{CHAT_MODEL}: {CONCURRENT} concurrent streams", concurrent, CONCURRENT),
         Step(f"both models: {STEADY} requests, {STEADY_CLIENTS} clients at once", steady, STEADY),
         Step("list models", tags),
@@ -271,12 +285,10 @@ def run(
                 style("otellama demo", "bold") + f": an Ollama emulator on {upstream.url}, otellama on "
                 f"{proxy.url} in front of it" + (f", exporting OTLP to {otlp}" if otlp else "") + "\n\n"
             )
-            headers = {"X-Client-Name": "demo-app"}
+            headers = client_headers(CLIENTS[0])
             with (
                 ollama.Client(host=proxy.url, headers=headers) as client,
-                ollama.Client(
-                    host=proxy.url, headers={**headers, FAULT_HEADER: FAULT_MIDSTREAM_ERROR}
-                ) as failing,
+                ollama.Client(host=proxy.url, headers=headers | MIDSTREAM_FAULT) as failing,
             ):
                 for step in _script(client, failing, proxy.url):
                     began = time.perf_counter()
