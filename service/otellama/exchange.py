@@ -20,6 +20,8 @@ OK: Final = "ok"
 ERROR: Final = "error"
 CANCELLED: Final = "cancelled"
 OUTCOMES: Final[tuple[Outcome, ...]] = (OK, ERROR, CANCELLED)
+#: Each outcome as a small number, for compact columns (the stats window, the report's timeline).
+OUTCOME_CODES: Final[dict[str, int]] = {name: code for code, name in enumerate(OUTCOMES)}
 
 
 @dataclasses.dataclass(slots=True)

@@ -47,12 +47,13 @@ from otellama.demo.workload import (
     client_headers,
 )
 from otellama.emulator import EmulatorSettings, create_emulator
+from otellama.observe.ollama import PHASES
 from otellama.observe.record import Record
 from otellama.server import BackgroundServer
 from otellama.settings import Settings, Upstream
 from otellama.tools import charts, logscan, report, terminal
 
-PHASE_LABELS = {"queue": "queue", "load": "load", "prompt_eval": "prompt eval", "eval": "generation"}
+_LABELS = {phase.name: phase.label for phase in PHASES}
 
 
 @dataclasses.dataclass
@@ -238,7 +239,7 @@ def exchange_waterfall(
     record = Record.from_json(line)
     total_ms = (record.end_ns - record.start_ns) / 1e6
     phases = [
-        (PHASE_LABELS[name], (start - record.start_ns) / 1e6, (end - record.start_ns) / 1e6)
+        (_LABELS[name], (start - record.start_ns) / 1e6, (end - record.start_ns) / 1e6)
         for name, start, end in record.phases()
     ]
     kind = "streamed" if record.stream else "not streamed"

@@ -63,6 +63,34 @@ def operation_for(method: str, path: str) -> str | None:
     return endpoint.operation if endpoint is not None else None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Phase:
+    """One of the phases Ollama's timings describe, with every name otellama gives it."""
+
+    #: In :meth:`~otellama.observe.record.Record.phases` and span names (``ollama.<name>``), after the
+    #: ``*_duration`` field Ollama reports it in.
+    name: str
+    #: For people: charts, the demo's waterfall.
+    label: str
+    #: Its JSONL field, in milliseconds (names kept from the log otellama grew from).
+    column: str
+
+    @property
+    def key(self) -> str:
+        """Its key in summaries (``time_ms``): the JSONL field without ``_time_ms``."""
+        return self.column.removesuffix("_time_ms")
+
+
+#: Ollama's phases in the order they happen: waiting for a slot, loading, prompt evaluation, generation.
+PHASES: Final = (
+    Phase("queue", "queue", "queue_time_ms"),
+    Phase("load", "load", "load_time_ms"),
+    Phase("prompt_eval", "prompt eval", "prompt_eval_time_ms"),
+    Phase("eval", "generation", "generation_time_ms"),
+)
+QUEUE, LOAD, PROMPT_EVAL, EVAL = PHASES
+
+
 class Framing(enum.StrEnum):
     """How a response body is framed, decided by its Content-Type alone."""
 

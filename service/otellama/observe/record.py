@@ -221,6 +221,10 @@ def _ms(ns: int | None) -> float | None:
     return None if ns is None else round(ns / 1e6, 3)
 
 
+def _ms_of(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 3)
+
+
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -311,10 +315,10 @@ class Record:
         """
         t = self.timings
         durations = [
-            ("queue", t.queue_ns or 0),
-            ("load", t.load_duration or 0),
-            ("prompt_eval", t.prompt_eval_duration or 0),
-            ("eval", t.eval_duration or 0),
+            (ollama.QUEUE.name, t.queue_ns or 0),
+            (ollama.LOAD.name, t.load_duration or 0),
+            (ollama.PROMPT_EVAL.name, t.prompt_eval_duration or 0),
+            (ollama.EVAL.name, t.eval_duration or 0),
         ]
         cursor = max(self.start_ns, self.end_ns - sum(d for _, d in durations))
         spans = []
@@ -328,10 +332,26 @@ class Record:
         return spans
 
     # --- the JSONL line -------------------------------------------------------------------------------
+    def measures(self) -> dict[str, float | None]:
+        """The JSONL line's derived numbers, rounded as it has them: milliseconds to the microsecond, rates
+        to the hundredth. The stats window samples these very values, so it agrees with the log."""
+        t = self.timings
+        return {
+            "duration_ms": _ms_of(self.duration_s),
+            "ttft_ms": _ms_of(self.time_to_first_content_s),
+            "queue_time_ms": _ms(t.queue_ns),
+            "tokens_per_second": _round(t.tokens_per_second, 2),
+            "prompt_tokens_per_second": _round(t.prompt_tokens_per_second, 2),
+            "load_time_ms": _ms(t.load_duration),
+            "prompt_eval_time_ms": _ms(t.prompt_eval_duration),
+            "generation_time_ms": _ms(t.eval_duration),
+            "ttfc_ms": _ms_of(self.time_to_first_chunk_s),
+        }
+
     def to_json(self) -> dict[str, Any]:
         """The JSONL line: the schema's fields, then what rebuilding the spans needs (``trace``)."""
         t, r, ids = self.timings, self.request, self.ids
-        ttft = self.time_to_first_content_s
+        m = self.measures()
         line: dict[str, Any] = {
             "timestamp": dt.datetime.fromtimestamp(self.start_ns / 1e9, dt.UTC).isoformat(
                 timespec="microseconds"
@@ -348,10 +368,10 @@ class Record:
             "error": self.error,
             "error_type": self.error_type,
             "done_reason": self.done_reason,
-            "duration_ms": round(self.duration_s * 1e3, 3),
-            "ttft_ms": None if ttft is None else round(ttft * 1e3, 3),
+            "duration_ms": m["duration_ms"],
+            "ttft_ms": m["ttft_ms"],
             "chunks": self.chunks,
-            "queue_time_ms": _ms(t.queue_ns),
+            "queue_time_ms": m["queue_time_ms"],
             "cold_start": self.cold_start,
             "client": self.client,
             "load_duration_ns": t.load_duration,
@@ -360,15 +380,13 @@ class Record:
             "eval_count": t.eval_count,
             "eval_duration_ns": t.eval_duration,
             "total_duration_ns": t.total_duration,
-            "tokens_per_second": _round(t.tokens_per_second, 2),
-            "prompt_tokens_per_second": _round(t.prompt_tokens_per_second, 2),
-            "load_time_ms": _ms(t.load_duration),
-            "prompt_eval_time_ms": _ms(t.prompt_eval_duration),
-            "generation_time_ms": _ms(t.eval_duration),
+            "tokens_per_second": m["tokens_per_second"],
+            "prompt_tokens_per_second": m["prompt_tokens_per_second"],
+            "load_time_ms": m["load_time_ms"],
+            "prompt_eval_time_ms": m["prompt_eval_time_ms"],
+            "generation_time_ms": m["generation_time_ms"],
             # Added by otellama (the schema only grows):
-            "ttfc_ms": None
-            if self.time_to_first_chunk_s is None
-            else round(self.time_to_first_chunk_s * 1e3, 3),
+            "ttfc_ms": m["ttfc_ms"],
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "finish_reasons": list(self.finish_reasons),

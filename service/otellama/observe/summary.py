@@ -21,6 +21,9 @@ from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
+from otellama.exchange import CANCELLED, ERROR
+from otellama.observe import ollama
+
 #: The JSONL fields sampled into columns, in column order.
 SAMPLED: Final = (
     "ttft_ms",
@@ -44,13 +47,10 @@ REPORTED: Final[tuple[tuple[str, int, tuple[str, ...]], ...]] = (
     ("duration_ms", DURATION, ("p50", "p95", "p99")),
 )
 #: Ollama's phases, in the order they happen, and their columns: where a model's time goes.
-PHASES: Final = (("queue", QUEUE), ("load", LOAD), ("prompt_eval", PROMPT_EVAL), ("generation", GENERATION))
+PHASES: Final = tuple((phase, SAMPLED.index(phase.column)) for phase in ollama.PHASES)
 #: The ``--by`` choices: JSONL fields that name a group.
 GROUPINGS: Final = ("model", "client", "operation", "endpoint")
 
-OK: Final = "ok"
-ERROR: Final = "error"
-CANCELLED: Final = "cancelled"
 
 _NUMBER: Final = frozenset((int, float))  # by exact class: a bool is no number here
 
@@ -167,7 +167,7 @@ class Group:
                 else:
                     numbers[statistic] = percentile(ordered, float(statistic[1:]))
             result[name] = numbers
-        result["time_ms"] = {phase: math.fsum(self.columns[index]) for phase, index in PHASES}
+        result["time_ms"] = {phase.key: math.fsum(self.columns[index]) for phase, index in PHASES}
         return result
 
 

@@ -25,6 +25,7 @@ from array import array
 from collections.abc import Callable
 from typing import Any, Final
 
+from otellama.exchange import OUTCOME_CODES, OUTCOMES
 from otellama.observe import summary
 from otellama.observe.record import Record
 from otellama.observe.times import TimeError, iso, parse_time
@@ -34,32 +35,12 @@ CAPACITY: Final = 100_000
 DEFAULT_WINDOW: Final = 15 * 60.0
 MAX_WINDOW: Final = 24 * 3600.0
 _NAN: Final = math.nan
-_OUTCOMES: Final = (summary.OK, summary.ERROR, summary.CANCELLED)
-_CODES: Final = {name: code for code, name in enumerate(_OUTCOMES)}
-
-
-def _ms(ns: int | None) -> float:
-    return _NAN if ns is None else round(ns / 1e6, 3)
-
-
-def _value(value: float | None, digits: int) -> float:
-    return _NAN if value is None else round(value, digits)
 
 
 def samples_of(record: Record) -> tuple[float, ...]:
-    """The record's :data:`~otellama.observe.summary.SAMPLED` values, as its JSONL line has them."""
-    t = record.timings
-    ttft = record.time_to_first_content_s
-    return (
-        _NAN if ttft is None else round(ttft * 1e3, 3),
-        _value(t.tokens_per_second, 2),
-        _value(t.prompt_tokens_per_second, 2),
-        _ms(t.load_duration),
-        _ms(t.queue_ns),
-        round(record.duration_s * 1e3, 3),
-        _ms(t.prompt_eval_duration),
-        _ms(t.eval_duration),
-    )
+    """The record's :data:`~otellama.observe.summary.SAMPLED` values, as in its JSONL line."""
+    measures = record.measures()
+    return tuple(_NAN if (value := measures[name]) is None else value for name in summary.SAMPLED)
 
 
 class RollingStats:
@@ -90,7 +71,7 @@ class RollingStats:
         """Remember one exchange (the fan-out calls it for every record)."""
         model = None if record.model is None else self._cap("model", record.model)
         values = samples_of(record)
-        flags = _CODES.get(record.outcome, 1) | (4 if record.cold_start else 0)
+        flags = OUTCOME_CODES.get(record.outcome, 1) | (4 if record.cold_start else 0)
         tokens_in = -1 if record.input_tokens is None else record.input_tokens
         tokens_out = -1 if record.output_tokens is None else record.output_tokens
         end = record.end_ns / 1e9
@@ -132,7 +113,7 @@ class RollingStats:
             matched += 1
             flag = flags[i]
             result.group(models[i]).add(
-                _OUTCOMES[flag & 3],
+                OUTCOMES[flag & 3],
                 bool(flag & 4),
                 tokens_in[i] if tokens_in[i] >= 0 else None,
                 tokens_out[i] if tokens_out[i] >= 0 else None,

@@ -23,24 +23,19 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from otellama.observe import summary
+from otellama.exchange import OUTCOME_CODES
+from otellama.observe import ollama, summary
 from otellama.tools import terminal
-from otellama.tools.logscan import OUTCOME_CODES, Scan, files_text
+from otellama.tools.logscan import Scan, files_text
 
 #: Groups drawn at most (the most requested); the table lists them all.
 MAX_GROUPS: Final = 12
 BINS: Final = 28
 PHASE_COLOURS: Final = {
-    "queue": "#8e6cc4",
-    "load": "#e8862a",
-    "prompt_eval": "#3a8fd9",
-    "generation": "#3aa76d",
-}
-PHASE_LABELS: Final = {
-    "queue": "queue",
-    "load": "load",
-    "prompt_eval": "prompt eval",
-    "generation": "generation",
+    ollama.QUEUE: "#8e6cc4",
+    ollama.LOAD: "#e8862a",
+    ollama.PROMPT_EVAL: "#3a8fd9",
+    ollama.EVAL: "#3aa76d",
 }
 OUTCOME_COLOURS: Final = {"ok": "#3a8fd9", "error": "#d64545", "cancelled": "#e0a030"}
 _STEPS: Final = (1, 5, 10, 30, 60, 300, 600, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400)
@@ -255,10 +250,10 @@ def phase_split(groups: Sequence[tuple[str, summary.Group]], width: int = 1100) 
             share = 100 * value / total
             body.append(
                 f'<rect class="bar" x="{cursor:.1f}" y="{y}" width="{max(w, 0.8):.1f}" height="{row_h}" '
-                f'fill="{PHASE_COLOURS[phase]}"><title>{_e(PHASE_LABELS[phase])}: {share:.1f} % '
+                f'fill="{PHASE_COLOURS[phase]}"><title>{_e(phase.label)}: {share:.1f} % '
                 f"({_e(terminal.duration(value))} in all)</title></rect>"
             )
-            text = f"{PHASE_LABELS[phase]} {share:.0f} %"
+            text = f"{phase.label} {share:.0f} %"
             if w > len(text) * 6.6 + 10:
                 body.append(
                     f'<text x="{cursor + 6:.1f}" y="{y + row_h / 2 + 4}" style="fill:#fff">{_e(text)}</text>'
@@ -446,7 +441,7 @@ def page(scan: Scan, title: str = "otellama report") -> str:
             "<h2>Where Ollama's time goes</h2>",
             '<p class="note">Share of Ollama\'s reported time spent waiting for a slot, loading the model, '
             "evaluating the prompt and generating.</p>",
-            _legend([(PHASE_LABELS[p], PHASE_COLOURS[p]) for p, _ in summary.PHASES]),
+            _legend([(p.label, PHASE_COLOURS[p]) for p, _ in summary.PHASES]),
             f'<section class="card">{phase_split(groups)}</section>',
             f'<p class="note">Made by otellama at {dt.datetime.now().astimezone():%Y-%m-%d %H:%M:%S %Z}.</p>',
             "</body></html>",

@@ -29,13 +29,11 @@ from typing import Any, Final
 
 import orjson
 
+from otellama.exchange import OUTCOME_CODES
 from otellama.observe import summary
 from otellama.observe.times import TimeError, iso, parse_time
 from otellama.settings import Settings, UserError
 from otellama.sinks.jsonlog import JsonLog
-
-#: Outcome codes of :attr:`Scan.outcomes`.
-OUTCOME_CODES: Final = {summary.OK: 0, summary.ERROR: 1, summary.CANCELLED: 2}
 
 
 class ReportError(UserError):
