@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from otellama import summary
-from otellama.record import Record
+from otellama.record import Record, metric_value
 from otellama.report import ReportError, iso, parse_time
 
 CAPACITY: Final = 100_000
@@ -89,7 +89,7 @@ class RollingStats:
 
     def add(self, record: Record) -> None:
         """Remember one exchange (called by telemetry for every record)."""
-        model = record.model
+        model = None if record.model is None else metric_value(record.model)  # as the metrics name it
         if model is not None and model not in self._known:
             if len(self._known) >= MODEL_LIMIT:
                 model = OVERFLOW

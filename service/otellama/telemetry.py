@@ -47,7 +47,7 @@ from otellama.aggregates import Aggregates, Histogram, Key, SpanRef, key_of
 from otellama.exportqueue import CountedBatchSpanProcessor
 from otellama.jsonlog import JsonLog, encode
 from otellama.proxy import OK, Exchange
-from otellama.record import Record, TraceIds, build
+from otellama.record import Record, TraceIds, build, metric_value
 from otellama.settings import Settings
 from otellama.stats import RollingStats
 from otellama.stream import StreamObserver
@@ -249,14 +249,19 @@ class Instruments:
 def record_metrics(
     instruments: Instruments, record: Record, cap: Capper, span: SpanRef | None = None
 ) -> None:
-    """Record one exchange. ``span`` (the sampled GenAI span's ids) becomes the histograms' exemplar."""
+    """Record one exchange. ``span`` (the sampled GenAI span's ids) becomes the histograms' exemplar.
+
+    Every attribute value that a request or Ollama chose is cut to ``METRIC_VALUE_LIMIT`` characters (the
+    cap bounds how many distinct values, this how long each is); the others are otellama's own words.
+    """
+    model, client, error_type = record.model, record.client, record.error_type
     attributes = _attributes(
         (semconv.OPERATION, record.operation),
         (semconv.PROVIDER, semconv.PROVIDER_OLLAMA if record.operation else None),
-        (semconv.REQUEST_MODEL, cap(semconv.REQUEST_MODEL, record.model) if record.model else None),
+        (semconv.REQUEST_MODEL, cap(semconv.REQUEST_MODEL, metric_value(model)) if model else None),
         (semconv.OUTCOME, record.outcome),
-        (semconv.ERROR_TYPE, record.error_type),
-        (semconv.CLIENT_NAME, cap(semconv.CLIENT_NAME, record.client) if record.client else None),
+        (semconv.ERROR_TYPE, metric_value(error_type) if error_type else None),
+        (semconv.CLIENT_NAME, cap(semconv.CLIENT_NAME, metric_value(client)) if client else None),
     )
     key = key_of(attributes)
     instruments.requests.add(1, key)
