@@ -18,6 +18,8 @@ from otellama.observe import ollama
 from otellama.observe.record import (
     CLIENT_NAME_LIMIT,
     CONTENT_LIMIT,
+    CUT_MARK,
+    FIELD_LIMIT,
     LABEL_LIMIT,
     Record,
     TraceIds,
@@ -1178,3 +1180,29 @@ def test_record_endpoint_is_normalised() -> None:
 def test_build_is_pure() -> None:
     capture = BY_NUMBER["23"]
     assert record_of(capture, capture_content=True) == record_of(capture, capture_content=True)
+
+
+def test_what_a_request_or_ollama_chose_is_kept_within_the_field_limits() -> None:
+    # A 1 MB body can name a 900 KB model, and Ollama's error line or final object can say anything: the
+    # record (and so every span attribute and the JSONL line) keeps at most FIELD_LIMIT characters of each.
+    huge = "m" * 900_000
+    error_line = orjson.dumps({"error": "e" * 2_000_000}) + b"\n"
+    chunks = [*ndjson_stream(final=False), error_line]
+    body = orjson.dumps({"model": huge, "prompt": "hi", "options": {"stop": ["s" * 50_000]}})
+    record = make(
+        exchange("POST", "/api/generate", body, chunks, content_type=NDJSON), observe(chunks, NDJSON)
+    )
+    assert record.error_type == "stream_error"
+    assert record.model == huge[: FIELD_LIMIT - 1] + CUT_MARK
+    assert len(record.error or "") == FIELD_LIMIT and record.request.stop == (
+        "s" * (FIELD_LIMIT - 1) + CUT_MARK,
+    )
+    final = orjson.dumps(generation(model=huge, done_reason="r" * 10_000, response="")) + b"\n"
+    record = make(
+        exchange("POST", "/api/generate", None, [final], content_type=NDJSON), observe([final], NDJSON)
+    )
+    assert len(record.model or "") == len(record.response_model or "") == FIELD_LIMIT
+    assert len(record.done_reason or "") == LABEL_LIMIT and [len(r) for r in record.finish_reasons] == [
+        LABEL_LIMIT
+    ]
+    assert len(orjson.dumps(record.to_json())) < 8 * 1024

@@ -524,3 +524,19 @@ def test_random_cuts_of_a_long_stream() -> None:
         offsets = sorted({0, len(body), *rng.sample(range(len(body)), 40)})
         pieces = [body[a:b] for a, b in itertools.pairwise(offsets)]
         assert untimed(observe(pieces, "sse", capture_content=True)) == whole
+
+
+def test_a_stream_cut_inside_an_over_cap_line_says_so() -> None:
+    # Ollama ends every line, the megabytes-long final one too: an over-cap line whose newline never came
+    # was cut with the stream (the record calls it incomplete), one that ended may have been the final object.
+    first = b'{"response":"Hi","done":false}\n'
+    for pieces in (
+        [first, b"{" + b"1" * 5000],
+        [first + b"{" + b"1" * 5000],
+        [first, b"{" + b"1" * 3000, b"1" * 3000],
+    ):
+        observation = observe(pieces, "ndjson", line_cap=4096)
+        assert (observation.truncated, observation.cut_in_line, observation.chunks) == (True, True, 1)
+    for pieces in ([first, b"{" + b"1" * 5000, b"1\n"], [first, b"{" + b"1" * 5000 + b"\n{}"]):
+        observation = observe(pieces, "ndjson", line_cap=4096)
+        assert (observation.truncated, observation.cut_in_line) == (True, False)

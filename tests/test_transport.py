@@ -495,3 +495,107 @@ async def test_an_https_upstream_is_verified_and_kept_alive(monkeypatch: pytest.
     finally:
         server.close()
         await server.wait_closed()
+
+
+# --- what an upstream cannot make the transport do ---------------------------------------------------------
+async def send_head_then_wait(up: RawUpstream, reader: Reader, writer: Writer, head: bytes) -> int:
+    """Answer with ``head`` in 64 KiB writes (until otellama hangs up); the bytes that went out."""
+    await up.request(reader)
+    sent = 0
+    try:
+        for start in range(0, len(head), 65536):
+            writer.write(head[start : start + 65536])
+            await writer.drain()
+            sent += min(65536, len(head) - start)
+        await up.wait_hang_up(reader)
+    except ConnectionError:
+        up.hung_up += 1  # closed with our bytes unread: a reset, not a FIN
+    return sent
+
+
+def header_block(size: int) -> bytes:
+    """A response head of about ``size`` bytes, in 1 KiB headers."""
+    line = b"x-filler: " + b"f" * 1012 + b"\r\n"
+    return b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n" + line * (size // len(line)) + b"\r\nok"
+
+
+async def test_a_response_head_over_64_kib_is_refused_and_its_connection_closed(
+    raw: Serve, transport: HttpTransport
+) -> None:
+    def answering(size: int) -> Callable[[RawUpstream, Reader, Writer], Awaitable[None]]:
+        async def script(up: RawUpstream, reader: Reader, writer: Writer) -> None:
+            await send_head_then_wait(up, reader, writer, header_block(size))
+
+        return script
+
+    # A big head under the limit (a proxy's cookies, a CDN's headers) is fine...
+    response, body = await fetch(transport, request("GET", (await raw(answering(60 * 1024))).url + "/"))
+    assert (response.status_code, body, len(response.headers.get_list("x-filler"))) == (200, b"ok", 60)
+    # ...a 2 MB one is not: it fails as bad HTTP from the upstream (the proxy answers 502), and says why.
+    up = await raw(answering(2 * 1024 * 1024))
+    with pytest.raises(httpx.RemoteProtocolError, match=r"upstream sent too big header \(over 64 KiB\)"):
+        await transport.handle_async_request(request("GET", up.url + "/"))
+    assert await eventually(lambda: up.hung_up == 1)
+
+
+async def test_a_header_that_never_ends_fails_at_once_in_bounded_memory(
+    raw: Serve, transport: HttpTransport
+) -> None:
+    # httptools joins the fragments of a header value with bytes +=, so a value spread over many reads
+    # costs time quadratic in its length: 32 MB in 64 KiB reads took 7 s of CPU, 226 MB froze the proxy.
+    sent: list[int] = []
+
+    async def endless(up: RawUpstream, reader: Reader, writer: Writer) -> None:
+        head = b"HTTP/1.1 200 OK\r\nx-endless: " + b"a" * (64 * 1024 * 1024)
+        sent.append(await send_head_then_wait(up, reader, writer, head))
+
+    up = await raw(endless)
+    started = time.monotonic()
+    with pytest.raises(httpx.RemoteProtocolError, match="64 KiB"):
+        await asyncio.wait_for(transport.handle_async_request(request("GET", up.url + "/")), 10)
+    assert time.monotonic() - started < 1
+    assert await eventually(lambda: up.hung_up == 1)
+    # What the upstream got out before the hang-up: the limit plus what the socket buffers held.
+    assert sent[0] < 16 * 1024 * 1024
+
+
+async def test_interim_responses_count_towards_the_head_limit(raw: Serve, transport: HttpTransport) -> None:
+    async def chatty(up: RawUpstream, reader: Reader, writer: Writer) -> None:
+        await send_head_then_wait(up, reader, writer, b"HTTP/1.1 100 Continue\r\n\r\n" * 100_000 + OK)
+
+    up = await raw(chatty)
+    with pytest.raises(httpx.RemoteProtocolError, match="64 KiB"):
+        await asyncio.wait_for(transport.handle_async_request(request("GET", up.url + "/")), 10)
+
+
+async def test_an_unrequested_switch_of_protocols_is_a_protocol_error(
+    raw: Serve, transport: HttpTransport
+) -> None:
+    # otellama never asks for an upgrade (Upgrade is hop-by-hop and not forwarded): a 101 is not HTTP it
+    # can relay, so it must not reach the client as a 101 with a body.
+    async def switches(up: RawUpstream, reader: Reader, writer: Writer) -> None:
+        await send_head_then_wait(
+            up,
+            reader,
+            writer,
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\nconnection: upgrade\r\n\r\nxx",
+        )
+
+    up = await raw(switches)
+    with pytest.raises(httpx.RemoteProtocolError, match="101 Switching Protocols"):
+        await transport.handle_async_request(request("GET", up.url + "/"))
+    assert await eventually(lambda: up.hung_up == 1)
+
+
+async def test_a_reason_phrase_split_across_reads_is_kept_whole(raw: Serve, transport: HttpTransport) -> None:
+    async def split(up: RawUpstream, reader: Reader, writer: Writer) -> None:
+        await up.request(reader)
+        for part in (b"HTTP/1.1 200 All ", b"Good\r\ncontent-length: 2\r\n\r\nok"):
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        await up.wait_hang_up(reader)
+
+    up = await raw(split)
+    response, _ = await fetch(transport, request("GET", up.url + "/"))
+    assert response.extensions["reason_phrase"] == b"All Good"

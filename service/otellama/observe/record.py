@@ -23,6 +23,10 @@ from otellama.observe.stream import Observation
 
 #: Longest client name kept; the header is the client's to fill.
 CLIENT_NAME_LIMIT: Final = 64
+#: Longest text the record keeps of any other string a request or Ollama chose (model names, error
+#: messages, stop sequences, the endpoint): spans and the JSONL line hold at most this many characters of
+#: each, so a 900 KB model name costs a line no more than a short one. Longer ones end in :data:`CUT_MARK`.
+FIELD_LIMIT: Final = 1024
 #: Largest captured message list, in bytes of its JSON encoding (UTF-8), when content capture is on: each of
 #: ``gen_ai.input.messages`` and ``gen_ai.output.messages`` (and the JSONL fields they come from) is at most
 #: this long, however many messages the request had.
@@ -34,6 +38,22 @@ LABEL_LIMIT: Final = 64
 CUT_MARK: Final = "…"
 
 _BLOB = re.compile(r"^/api/blobs/[^/]+$")
+
+
+def clip(text: str, limit: int = FIELD_LIMIT) -> str:
+    """``text`` cut to at most ``limit`` characters, ending in :data:`CUT_MARK` when it was cut."""
+    return text if len(text) <= limit else text[: limit - len(CUT_MARK)] + CUT_MARK
+
+
+def header_text(value: bytes) -> str:
+    """A header value as text: UTF-8 where it is valid (clients send names in it), else latin-1, as
+    RFC 9110 reads the bytes of old clients."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
 _V1_MODEL = re.compile(r"^/v1/models/.+$")
 
 
@@ -205,14 +225,14 @@ def parse_request(
     model = data.get("model")
     return RequestFacts(
         parsed=True,
-        model=model if isinstance(model, str) else None,
+        model=clip(model) if isinstance(model, str) else None,
         stream=stream if isinstance(stream, bool) else endpoint.streams_by_default,
         temperature=_number(options.get("temperature")),
         top_p=_number(options.get("top_p")),
         top_k=_integer(options.get("top_k")),
         seed=_integer(options.get("seed")),
         max_tokens=_integer(max_tokens),
-        stop=tuple(s for s in stop if isinstance(s, str)) if isinstance(stop, list) else None,
+        stop=tuple(clip(s) for s in stop if isinstance(s, str)) if isinstance(stop, list) else None,
         input_messages=messages,
     )
 
@@ -520,6 +540,9 @@ def _outcome(
         return ERROR, message, "malformed_stream"
     if streamed and not observation.done and not observation.truncated:
         return ERROR, "stream ended without a final object", "incomplete_stream"
+    if streamed and not observation.done and observation.cut_in_line:
+        message = "stream ended inside a line longer than otellama parses, without a final object"
+        return ERROR, message, "incomplete_stream"
     return OK, None, None
 
 
@@ -552,10 +575,24 @@ def build(
 
     start_ns = round(exchange.started_at * 1e9)
     timings = observation.timings if observation is not None and observation.timings else ollama.Timings()
+    if (timings.done_reason is not None and len(timings.done_reason) > LABEL_LIMIT) or (
+        timings.model is not None and len(timings.model) > FIELD_LIMIT
+    ):
+        timings = dataclasses.replace(
+            timings,
+            done_reason=None if timings.done_reason is None else clip(timings.done_reason, LABEL_LIMIT),
+            model=None if timings.model is None else clip(timings.model),
+        )
+    response_model = observation.response_model if observation is not None else None
+    if response_model is not None:
+        response_model = clip(response_model)
+    finish_reasons = observation.finish_reasons if observation is not None else ()
+    if any(len(reason) > LABEL_LIMIT for reason in finish_reasons):
+        finish_reasons = tuple(clip(reason, LABEL_LIMIT) for reason in finish_reasons)
     client = next((v for k, v in exchange.request_headers if k == client_header), None)
     output_messages = None
     if capture_content and observation is not None and observation.output_text is not None:
-        reason = observation.finish_reasons[0][:LABEL_LIMIT] if observation.finish_reasons else None
+        reason = finish_reasons[0] if finish_reasons else None
         output_messages = capped(
             [_message("assistant", observation.output_text, finish_reason=reason)], newest=False
         )
@@ -566,15 +603,15 @@ def build(
     return Record(
         start_ns=start_ns,
         end_ns=epoch(exchange.t_end) or start_ns,
-        method=exchange.method,
-        endpoint=endpoint_of(exchange.path),
+        method=clip(exchange.method),
+        endpoint=clip(endpoint_of(exchange.path)),
         operation=endpoint.operation if endpoint is not None else None,
         # The model asked for, else the one that answered (an unparsed body still has a response).
-        model=request.model or (observation.response_model if observation is not None else None),
+        model=request.model or response_model,
         stream=request.stream if request.parsed else _streamed(observation),
         status=exchange.status,
         outcome=outcome,
-        error=error,
+        error=None if error is None else clip(error),
         error_type=error_type,
         done_reason=timings.done_reason,
         chunks=observation.chunks if observation is not None else exchange.chunks,
@@ -583,12 +620,12 @@ def build(
         cold_start=(
             None if timings.load_duration is None else timings.load_duration > cold_start_seconds * 1e9
         ),
-        client=client.decode("latin-1")[:CLIENT_NAME_LIMIT] if client else None,
+        client=header_text(client)[:CLIENT_NAME_LIMIT] if client else None,
         timings=timings,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
-        finish_reasons=observation.finish_reasons if observation is not None else (),
-        response_model=observation.response_model if observation is not None else None,
+        finish_reasons=finish_reasons,
+        response_model=response_model,
         request=request,
         server_address=server_address,
         server_port=server_port,

@@ -93,6 +93,9 @@ class Observation:
     content_chunks: int
     #: A line or body exceeded its cap: parsing stopped there (forwarding did not).
     truncated: bool
+    #: The stream ended inside the line that exceeded the cap: its newline never came, so it was no whole
+    #: object (Ollama ends every line, the megabytes-long final one included), and the stream is cut.
+    cut_in_line: bool
     #: Something that should have been a JSON object was not (counted only where lines are parsed).
     malformed: bool
     #: With ``capture_content`` only, else None: the generated text, the thinking/reasoning text, and the
@@ -145,6 +148,7 @@ class StreamObserver:
         "_malformed",
         "_model",
         "_observation",
+        "_open",
         "_partial",
         "_prefix",
         "_records",
@@ -192,6 +196,7 @@ class StreamObserver:
         self._first_content_at: float | None = None
         self._stopped = self._framing is Framing.OTHER
         self._truncated = False
+        self._open = False  # truncated inside a line whose newline has not come yet
         self._malformed = False
         self._scanning = True
         # The unfinished line of a stream, or the whole body of a JSON response.
@@ -221,6 +226,8 @@ class StreamObserver:
             self._first_chunk_at = now
         self._size += len(chunk)
         if self._stopped:
+            if self._open and b"\n" in chunk:
+                self._open = False
             return
         try:
             if self._whole:
@@ -249,7 +256,7 @@ class StreamObserver:
         end = chunk.rfind(b"\n")
         if end < 0:
             if len(self._partial) + len(chunk) > self._line_cap:
-                self._truncate()
+                self._truncate(open_line=True)
             else:
                 self._partial += chunk
             return
@@ -262,7 +269,7 @@ class StreamObserver:
         self._lines(block, now)
         if end + 1 < len(chunk) and not self._stopped:
             if len(chunk) - end - 1 > self._line_cap:
-                self._truncate()
+                self._truncate(open_line=True)
             else:
                 self._partial += memoryview(chunk)[end + 1 :]
 
@@ -463,8 +470,9 @@ class StreamObserver:
 
     # -- the end ----------------------------------------------------------------------------------------
 
-    def _truncate(self) -> None:
+    def _truncate(self, open_line: bool = False) -> None:
         self._truncated = True
+        self._open = open_line
         self._stopped = True
         self._partial = bytearray()
 
@@ -506,6 +514,7 @@ class StreamObserver:
             response_model=self._model,
             content_chunks=self._content,
             truncated=self._truncated,
+            cut_in_line=self._open,
             malformed=self._malformed,
             output_text="".join(self._text) if self._capture else None,
             output_thinking="".join(self._thinking) if self._capture else None,

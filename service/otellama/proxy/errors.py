@@ -11,6 +11,7 @@ from __future__ import annotations
 import httpx
 import orjson
 
+from otellama.proxy.transport import BadResponse
 from otellama.settings import Upstream
 
 
@@ -70,6 +71,8 @@ def classify_failure(exc: BaseException, upstream: Upstream) -> tuple[int, str, 
             "Set OTELLAMA_UPSTREAM or --upstream to its address",
             "connect_error",
         )
+    if isinstance(exc, BadResponse):
+        return 502, f"otellama: Ollama at {where}: {exc}", "protocol_error"
     if isinstance(exc, httpx.RemoteProtocolError):
         return (
             502,

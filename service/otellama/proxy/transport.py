@@ -36,10 +36,21 @@ httpx's exception tree, as the proxy maps it::
      ├── TimeoutException
      │    ├── ConnectTimeout ........ no TCP connection within the connect timeout -> 502
      │    └── ReadTimeout ........... Ollama silent longer than the read timeout   -> 504
-     └── NetworkError
-          ├── ConnectError .......... refused, unreachable, DNS                    -> 502
-          └── ReadError ............. reset while reading                          -> 502
-    RemoteProtocolError ............. Ollama closed before answering / bad HTTP    -> 502
+     ├── NetworkError
+     │    ├── ConnectError .......... refused, unreachable, DNS                    -> 502
+     │    └── ReadError ............. reset while reading                          -> 502
+     └── ProtocolError
+          └── RemoteProtocolError ... Ollama closed before answering / bad HTTP    -> 502
+               └── BadResponse ...... an answer otellama will not relay           -> 502, saying why
+                    ├── HeadTooLarge ....... response head over RESPONSE_HEAD_LIMIT
+                    └── UnexpectedSwitch ... a 101 Switching Protocols nobody asked for
+
+Ollama is untrusted like any client: its response head is bounded as the request head is (64 KiB; nginx
+answers 502 "upstream sent too big header" at its 4-8 KiB proxy_buffer_size). The bound matters for time
+as much as memory: httptools joins the fragments of a header value with ``bytes +=``, so a value spread over
+many reads costs time quadratic in its length (measured: 16 MB in 64 KiB reads, 1.7 s of CPU; 32 MB, 6.8 s),
+and a header that never ends would hold the event loop. Bytes are counted only until the head is complete:
+a body chunk costs nothing more.
 
 An exception raised by the request body's own stream (the client left mid-upload) propagates unchanged.
 """
@@ -59,12 +70,34 @@ import httpx
 
 #: Response bytes buffered for a consumer that is not reading before the upstream socket stops being read.
 READ_HIGH_WATER: Final = 128 * 1024
+#: Largest response head accepted from upstream: status line and headers, with any 1xx interim heads before
+#: it. Past it the exchange fails with :class:`HeadTooLarge` and the connection is closed.
+RESPONSE_HEAD_LIMIT: Final = 64 * 1024
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _CRLF: Final = b"\r\n"
 
 
 class _Stale(httpx.RemoteProtocolError):
     """The connection closed before a single byte of the response: the request may not have been seen."""
+
+
+class BadResponse(httpx.RemoteProtocolError):
+    """The upstream answered something otellama will not relay; the message says what, for the client."""
+
+
+class HeadTooLarge(BadResponse):
+    """The upstream's response head passed :data:`RESPONSE_HEAD_LIMIT` (or never ended)."""
+
+    def __init__(self) -> None:
+        super().__init__(f"upstream sent too big header (over {RESPONSE_HEAD_LIMIT // 1024} KiB)")
+
+
+class UnexpectedSwitch(BadResponse):
+    """The upstream answered ``101 Switching Protocols``, which otellama never asks for (it forwards no
+    ``Upgrade``): what follows is not HTTP, and a 101 with a body is no response to relay."""
+
+    def __init__(self) -> None:
+        super().__init__("upstream answered 101 Switching Protocols to a request that asked for no upgrade")
 
 
 class _Connection(asyncio.Protocol):
@@ -80,6 +113,8 @@ class _Connection(asyncio.Protocol):
         self._received = False  # any byte of the current response
         self._interim = False  # a 1xx response is being parsed: skipped
         self._framed = False  # Content-Length or Transfer-Encoding: the body does not end at EOF
+        self._head_size = 0  # the head's exact size so far, as parsed (interim heads included)
+        self._head_bytes = 0  # received while the head is incomplete (interim heads included)
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -106,11 +141,27 @@ class _Connection(asyncio.Protocol):
         if parser is None or self.complete:
             self.close()  # bytes nobody asked for: this connection's framing can no longer be trusted
             return
+        if self.headers_done:  # the body: nothing but the parser per chunk
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                self._fail(httpx.RemoteProtocolError(f"invalid HTTP response from upstream: {exc}"))
+                self.close()
+            return
         self._received = True
+        self._head_bytes += len(data)
         try:
             parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # after a 101, which on_headers_complete already failed
         except httptools.HttpParserError as exc:
             self._fail(httpx.RemoteProtocolError(f"invalid HTTP response from upstream: {exc}"))
+        # This read may hold body bytes after the head: only a head still incomplete is measured here
+        # (one that completed is measured exactly, in on_headers_complete).
+        if not self.headers_done and self._head_bytes > RESPONSE_HEAD_LIMIT:
+            self._fail(HeadTooLarge())
+        if self._error is not None:
+            self._parser = None  # nothing more is parsed: the exchange has failed
             self.close()
 
     def eof_received(self) -> bool | None:
@@ -145,17 +196,25 @@ class _Connection(asyncio.Protocol):
 
     # --- httptools callbacks ----------------------------------------------------------------------------
     def on_status(self, status: bytes) -> None:
-        self.reason = status
+        self.reason += status  # called once per fragment when the status line spans reads
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4  # ": " and CRLF
         if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
             self._framed = True
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
         status = self._parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
+        self._head_size += len(self.reason) + 15  # "HTTP/1.1 200 " and CRLF, and the blank line
+        if self._head_size > RESPONSE_HEAD_LIMIT:
+            self._fail(HeadTooLarge())
+            return
+        if status == 101:
+            self._fail(UnexpectedSwitch())
+            return
+        if 100 <= status < 200:
             self._interim = True  # 100 Continue and friends: the real response follows
             return
         self.status = status
@@ -193,6 +252,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._head_request = head_request
         self._received = self._interim = self._framed = False
+        self._head_bytes = self._head_size = 0
         self.status, self.reason, self.headers = 0, b"", []
         self.headers_done = self.complete = self.keep_alive = self.request_sent = False
         self._error = _Stale("connection closed before the request") if self.closed else None

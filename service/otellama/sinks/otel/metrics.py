@@ -9,7 +9,7 @@ from typing import Any
 from opentelemetry.metrics import Meter
 
 from otellama.observe.record import Record
-from otellama.sinks.capper import Capper
+from otellama.sinks.capper import Capper, cut
 from otellama.sinks.otel import semconv
 from otellama.sinks.otel.aggregates import Aggregates, Histogram, SpanRef, key_of
 from otellama.sinks.otel.spans import attributes_of
@@ -51,13 +51,17 @@ class Instruments:
 def record_metrics(
     instruments: Instruments, record: Record, cap: Capper, span: SpanRef | None = None
 ) -> None:
-    """Record one exchange. ``span`` (the sampled GenAI span's ids) becomes the histograms' exemplar."""
+    """Record one exchange. ``span`` (the sampled GenAI span's ids) becomes the histograms' exemplar.
+
+    Every attribute value that a request or Ollama chose is bounded by :mod:`~otellama.sinks.capper`; the
+    others are otellama's own words.
+    """
     attributes = attributes_of(
         (semconv.OPERATION, record.operation),
         (semconv.PROVIDER, semconv.PROVIDER_OLLAMA if record.operation else None),
         (semconv.REQUEST_MODEL, cap(semconv.REQUEST_MODEL, record.model) if record.model else None),
         (semconv.OUTCOME, record.outcome),
-        (semconv.ERROR_TYPE, record.error_type),
+        (semconv.ERROR_TYPE, cut(record.error_type) if record.error_type else None),
         (semconv.CLIENT_NAME, cap(semconv.CLIENT_NAME, record.client) if record.client else None),
     )
     key = key_of(attributes)
