@@ -1,8 +1,10 @@
 """Optional API keys: who may use otellama, and whose request each one is.
 
 With ``OTELLAMA_API_KEYS_FILE`` set, every request needs ``Authorization: Bearer <key>``, except
-``GET /otellama/health`` (a liveness probe must work without secrets) and CORS preflights (``OPTIONS``,
-which browsers send without credentials). Without a valid key the client gets
+``GET /otellama/health`` (a liveness probe must work without secrets) and CORS preflights, which browsers
+send without credentials: an ``OPTIONS`` with ``Access-Control-Request-Method`` and no body. A preflight
+without a key is attributed to the client :data:`ANONYMOUS` (a name no key may have) and, like every request,
+sheds any ``Authorization`` it carries; any other ``OPTIONS`` needs a key. Without a valid key the client gets
 401 in the shape of the API it called: ``{"error": "..."}`` for Ollama's own, OpenAI's
 ``{"error": {"message", "type", "param", "code"}}`` under ``/v1/``. ``/otellama/metrics`` and
 ``/otellama/stats`` need a key too unless ``OTELLAMA_PROTECT_ADMIN=false``.
@@ -37,9 +39,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
-import orjson
 from starlette.types import Scope, Send
 
+from otellama.proxy.errors import error_body, json_headers
 from otellama.settings import Settings, SettingsError
 
 log = logging.getLogger("otellama.proxy.auth")
@@ -50,6 +52,9 @@ MIN_KEY_LENGTH: Final = 16
 MAX_NAME_LENGTH: Final = 64
 #: The one path that stays open: health checks carry no secrets.
 OPEN_PATH: Final = "/otellama/health"
+#: The client name of a CORS preflight without a key: fixed, so a preflight can neither claim another
+#: client's name nor fill the client label's slots with invented ones. Reserved: no key may be named so.
+ANONYMOUS: Final = "anonymous"
 ADMIN_PREFIX: Final = "/otellama/"
 
 _NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-@+/")
@@ -104,6 +109,11 @@ class Keys:
                 raise SettingsError(
                     f"{source}, line {number}: a name is 1 to {MAX_NAME_LENGTH} letters, digits or ._-@+/"
                 )
+            if name == ANONYMOUS:
+                raise SettingsError(
+                    f"{source}, line {number}: the name {ANONYMOUS!r} is reserved for CORS preflights "
+                    "without a key"
+                )
             if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
                 raise SettingsError(f"{source}, line {number}: a key is printable ASCII without spaces")
             if len(key) < MIN_KEY_LENGTH:
@@ -135,6 +145,20 @@ class Keys:
 
 def _first_space(line: str) -> int:
     return next((i for i, c in enumerate(line) if c.isspace()), -1)
+
+
+def _preflight(scope: Scope) -> bool:
+    """Whether the request is a CORS preflight as browsers send it: OPTIONS, the method it announces, and
+    no body (a preflight has none; an OPTIONS with one would carry it to Ollama without a key)."""
+    if scope["method"] != "OPTIONS":
+        return False
+    announced = False
+    for name, value in scope["headers"]:
+        if name == b"access-control-request-method":
+            announced = True
+        elif name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return False
+    return announced
 
 
 def _bearer(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
@@ -190,13 +214,16 @@ class Gate:
     async def admit(self, scope: Scope, send: Send) -> bool:
         """Let an HTTP request in (True), attributing it to its key's name, or answer 401 (False)."""
         path: str = scope["path"]
-        # A browser's CORS preflight never carries credentials (Fetch standard): it goes to Ollama, which
-        # answers it from its allowed origins; the request it announces then needs its key like any other.
-        if not self.guards(path) or scope["method"] == "OPTIONS":
+        if not self.guards(path):
             return True
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         token = _bearer(headers)
         name = self.keys.match(token) if token is not None else None
+        forward_authorization = self.forward_authorization
+        if token is None and _preflight(scope):
+            # A browser's CORS preflight never carries credentials (Fetch standard): it goes to Ollama, which
+            # answers it from its allowed origins; the request it announces then needs its key like any other.
+            name, forward_authorization = ANONYMOUS, False
         if name is None:
             self.refused += 1
             client = scope.get("client")
@@ -207,7 +234,7 @@ class Gate:
         kept = [
             (key, value)
             for key, value in headers
-            if key != self.client_header and (key != b"authorization" or self.forward_authorization)
+            if key != self.client_header and (key != b"authorization" or forward_authorization)
         ]
         kept.append((self.client_header, name.encode("ascii")))
         scope["headers"] = kept
@@ -219,25 +246,11 @@ async def _refuse(path: str, send: Send, *, missing: bool) -> None:
         message = 'otellama: this server needs an API key: send the header "Authorization: Bearer <key>"'
     else:
         message = "otellama: invalid API key"
-    if path.startswith("/v1/"):
-        error = {"message": message, "type": "invalid_request_error", "param": None}
-        body = orjson.dumps({"error": {**error, "code": "invalid_api_key"}})
-    else:
-        body = orjson.dumps({"error": message})
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 401,
-            "headers": [
-                (b"content-type", b"application/json; charset=utf-8"),
-                (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", b"Bearer"),
-                # The request body (maybe a large upload) is not read: end the connection instead.
-                (b"connection", b"close"),
-            ],
-        }
-    )
+    body = error_body(path, message, kind="invalid_request_error", code="invalid_api_key")
+    # The request body (maybe a large upload) is not read: end the connection instead.
+    headers = json_headers(body, (b"www-authenticate", b"Bearer"), (b"connection", b"close"))
+    await send({"type": "http.response.start", "status": 401, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-__all__ = ["Gate", "Keys"]
+__all__ = ["ANONYMOUS", "Gate", "Keys"]

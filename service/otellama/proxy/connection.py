@@ -38,9 +38,10 @@ import asyncio
 import logging
 from typing import Any, Final
 
-import orjson
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from otellama.proxy.errors import error_body, json_headers
 
 log = logging.getLogger("otellama.proxy.connection")
 
@@ -53,6 +54,9 @@ LINGER: Final = 2.0
 #: answer in order, only no faster than otellama answers, which is all pipelining could get it anyway. 16
 #: keeps the pipe full while the answers are being written, at ~40 KB of queued requests per connection.
 PIPELINE_LIMIT: Final = 16
+#: Scope key under which a request that otellama's connection answered itself (its body stalled: 408) gets
+#: ``(status, message)``, so the app, which sees only a client that left, records what the client got.
+REFUSED_WITH: Final = "otellama.refused_with"
 #: Bytes handed to the parser at a time outside a body whose length is known: one piece holds at most ~110
 #: minimal requests, so a full queue overshoots by that much, not by one read's 256 KB (14,000 requests).
 #: Bodies of known length go in whole, so uploads (blobs of several GB) pay no per-piece cost.
@@ -62,11 +66,10 @@ _IDLE, _HEADERS, _BODY, _DONE = range(4)
 
 
 def _response(status: bytes, message: str) -> bytes:
-    body = orjson.dumps({"error": message})
-    return (
-        b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json; charset=utf-8\r\n"
-        b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
-    )
+    # Before the request line is whole its path is unknown: Ollama's flat error shape, as Go answers.
+    body = error_body("", message)
+    head = b"".join(b"%b: %b\r\n" % header for header in json_headers(body, (b"connection", b"close")))
+    return b"HTTP/1.1 " + status + b"\r\n" + head + b"\r\n" + body
 
 
 class _Flow(FlowControl):
@@ -290,6 +293,8 @@ class GuardedProtocol(HttpToolsProtocol):
                 self._abort(b"408 Request Timeout", f"otellama: {message}")
 
     def _abort(self, status: bytes, message: str) -> None:
+        """Answer ``status`` (``b"408 Request Timeout"``) with ``message`` and close, unless a response
+        already began; then just close."""
         cycle = self.cycle
         # A response is under way (this request's, or a pipelined predecessor's): no room for an answer.
         started = cycle is not None and (
@@ -297,8 +302,12 @@ class GuardedProtocol(HttpToolsProtocol):
         )
         log.info("closing a connection from %s: %s", self.client and self.client[0], message)
         self._disarm()
+        answering = not started and self.transport.can_write_eof()
+        if answering and cycle is not None and cycle.scope is self.scope:
+            # The app has this request and is about to see a client that left: tell it what the client got.
+            self.scope[REFUSED_WITH] = (int(status[:3]), message)  # type: ignore[typeddict-unknown-key]
         self._stop_request()
-        if started or not self.transport.can_write_eof():
+        if not answering:
             self._close()
             return
         # A lingering close: closing with the client's bytes unread makes the kernel send a reset, which

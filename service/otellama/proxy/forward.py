@@ -20,6 +20,7 @@ import orjson
 from starlette.types import Message, Receive, Scope, Send
 
 from otellama.exchange import CANCELLED, ERROR, Exchange, Recorder, Recording
+from otellama.proxy.connection import REFUSED_WITH
 from otellama.proxy.errors import SHUTDOWN, classify_failure, error_body, json_headers
 from otellama.settings import Upstream
 
@@ -38,6 +39,20 @@ _HOP_BY_HOP = frozenset(
         b"transfer-encoding",
         b"upgrade",
     }
+)
+#: Never copied from the request: the hop-by-hop headers, and Host, which is set to the upstream's.
+_NOT_FORWARDED = _HOP_BY_HOP | {b"host"}
+# Connection tokens that name no header still present once the hop-by-hop ones are gone.
+_CONNECTION_OPTIONS = _HOP_BY_HOP | {b"close"}
+# A request carrying one of these needs a closer look: Connection may name more headers to drop (RFC 9110
+# §7.6.1), Transfer-Encoding may name a coding other than chunked. Most requests carry neither.
+_CLOSER_LOOK = frozenset({b"connection", b"transfer-encoding"})
+# ... unless they say what nearly every client says, which names no header and no coding to refuse.
+_PLAIN = frozenset(
+    (name, value)
+    for name, values in ((b"connection", (b"keep-alive", b"close")), (b"transfer-encoding", (b"chunked",)))
+    for plain in values
+    for value in (plain, plain.title(), plain.upper())
 )
 #: Request bodies up to this size are kept for telemetry to parse after the response; larger ones are
 #: forwarded all the same and the record says the body was not parsed.
@@ -74,7 +89,8 @@ class Proxy:
         self.transport = transport
         self.recorder = recorder
         self._timeout = {"connect": timeout.connect, "read": timeout.read, "write": None, "pool": None}
-        self._base = upstream.url
+        # The upstream's address as parts: a request target only ever supplies the path (see _url).
+        self._origin = httpx.URL(scheme=upstream.scheme, host=upstream.host, port=upstream.port)
         self._prefix = upstream.path.encode("latin-1")
         self._host = upstream.host_header
         self._urls: dict[bytes, httpx.URL] = {}
@@ -89,10 +105,34 @@ class Proxy:
             started_at=time.time(),
             t_start=time.perf_counter(),
         )
+        raw_path: bytes = scope.get("raw_path") or path.encode()
+        if not raw_path.startswith(b"/"):
+            # uvicorn hands absolute form over as its path already; what is left is asterisk form ("*", or
+            # "*@host:port/x", which a URL parser reads as user info and a host). Only "OPTIONS *" means
+            # something, to the server itself: answered as Go's net/http (Ollama's server) answers it.
+            if exchange.method == "OPTIONS" and raw_path == b"*" and not exchange.query:
+                await self._answer(exchange, send, 200, b"", [(b"content-length", b"0")])
+            else:
+                message = "otellama: the request target must be a path starting with '/'"
+                await self._refuse(exchange, send, 400, message)
+            return
         task = asyncio.current_task()
         assert task is not None
         state = _State()
-        headers = [(k, v) for k, v in scope["headers"] if k not in _HOP_BY_HOP and k != b"host"]
+        headers: list[tuple[bytes, bytes]] = []
+        closer_look = False
+        for header in scope["headers"]:  # the hot path: one loop, tuples reused, ~half a comprehension
+            if header[0] in _NOT_FORWARDED:
+                closer_look = closer_look or (header[0] in _CLOSER_LOOK and header not in _PLAIN)
+            else:
+                headers.append(header)
+        if closer_look:
+            if not _chunked_only(scope["headers"]):
+                # nginx's answer: a coding otellama would have to undo (or drop silently) is not one it has.
+                message = "otellama: a request Transfer-Encoding other than plain 'chunked' is not supported"
+                await self._refuse(exchange, send, 501, message)
+                return
+            headers = _drop_named(scope["headers"], headers)
         headers.append((b"host", self._host))
 
         first = await receive()
@@ -109,7 +149,7 @@ class Proxy:
             state.watch(receive, task)
 
         recording = _guarded(self.recorder.begin, exchange) if self.recorder is not None else None
-        target = scope.get("raw_path", path.encode()) + (b"?" + exchange.query if exchange.query else b"")
+        target = raw_path + (b"?" + exchange.query if exchange.query else b"")
         response: httpx.Response | None = None
         try:
             request = self._request(exchange.method, target, headers, content)
@@ -119,15 +159,13 @@ class Proxy:
         except asyncio.CancelledError:
             task.uncancel()  # handled here: the exchange ends now, either way
             if state.client_gone:
-                exchange.outcome, exchange.error_type = CANCELLED, CANCELLED
-                exchange.error = "client disconnected"
+                _client_left(exchange, scope)
             else:
                 # Nobody but the server cancels a request: it is stopping and the grace period ran out.
                 await self._fail(SHUTDOWN, exchange, send, state)
         except (httpx.TransportError, _ClientGone) as exc:
             if state.client_gone or isinstance(exc, _ClientGone):
-                exchange.outcome, exchange.error_type = CANCELLED, CANCELLED
-                exchange.error = "client disconnected"
+                _client_left(exchange, scope)
             else:
                 await self._fail(exc, exchange, send, state)
         except Exception as exc:  # a bug of ours: the traceback goes to our log, never to the client
@@ -166,12 +204,14 @@ class Proxy:
 
     def _url(self, target: bytes) -> httpx.URL:
         # Parsing a URL costs ~9 µs and Ollama clients use a handful of paths: remember them (bounded,
-        # as blob digests and query strings are unbounded).
+        # as blob digests and query strings are unbounded). The target goes in as the path, never joined
+        # to the upstream's address as text: "http://ollama:11434" + "*@elsewhere/x" parses as a request
+        # to elsewhere. Host and port are the configured ones whatever the target holds.
         url = self._urls.get(target)
         if url is None:
             if len(self._urls) >= 1024:
                 self._urls.clear()
-            url = self._urls[target] = httpx.URL(self._base + target.decode("latin-1"))
+            url = self._urls[target] = self._origin.copy_with(raw_path=self._prefix + target)
         return url
 
     async def _relay(
@@ -182,7 +222,17 @@ class Proxy:
         state: _State,
         recording: Recording | None,
     ) -> None:
-        headers = [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP_BY_HOP]
+        raw = response.headers.raw
+        headers: list[tuple[bytes, bytes]] = []
+        named = False
+        for header in raw:
+            name = header[0].lower()
+            if name in _HOP_BY_HOP:
+                named = named or (name == b"connection" and header[1].lower() not in _CONNECTION_OPTIONS)
+            else:
+                headers.append(header)
+        if named:
+            headers = _drop_named(raw, headers)
         exchange.status = response.status_code
         exchange.response_headers = headers
         observe = _guarded(recording.observe, exchange) if recording is not None else None
@@ -207,6 +257,33 @@ class Proxy:
             exchange.response_size, exchange.chunks = size, chunks
         state.finished = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _refuse(self, exchange: Exchange, send: Send, status: int, message: str) -> None:
+        """Answer ``status`` in the API's error shape before anything reached Ollama, and record it.
+
+        The request body is left unread (it may be large, or framed in a way otellama does not trust):
+        the connection closes after the answer, as nginx closes after its own 400 and 501.
+        """
+        exchange.outcome, exchange.error, exchange.error_type = ERROR, message, str(status)
+        log.info("refused %s %r: %s", exchange.method, exchange.path[:200], message)
+        body = error_body(exchange.path, message)
+        await self._answer(exchange, send, status, body, json_headers(body, (b"connection", b"close")))
+
+    async def _answer(
+        self, exchange: Exchange, send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """Answer a request otellama handles itself, recorded like any exchange (it reached the proxy)."""
+        recording = _guarded(self.recorder.begin, exchange) if self.recorder is not None else None
+        exchange.status = status
+        exchange.response_headers = headers
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            exchange.response_size = len(body)
+            exchange.t_end = time.perf_counter()
+            if recording is not None:
+                _guarded(recording.finish, exchange)
 
     async def _fail(self, exc: BaseException, exchange: Exchange, send: Send, state: _State) -> None:
         status, message, error_type = classify_failure(exc, self.upstream)
@@ -256,6 +333,42 @@ class Proxy:
         exchange.request_size = size
         exchange.request_body = b"".join(kept) if kept is not None else None
         state.watch(receive, task)
+
+
+def _chunked_only(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the request's Transfer-Encoding, if any, is exactly "chunked" (the only coding relayed)."""
+    codings = [
+        coding.strip().lower()
+        for name, value in headers
+        if name == b"transfer-encoding"
+        for coding in value.split(b",")
+        if coding.strip()
+    ]
+    return not codings or codings == [b"chunked"]
+
+
+def _drop_named(raw: list[tuple[bytes, bytes]], kept: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``kept`` without the headers that ``raw``'s Connection headers name (RFC 9110 §7.6.1): options meant
+    for this hop only, such as ``Connection: close, X-Secret``, stop here in both directions."""
+    named = {
+        token.strip().lower()
+        for name, value in raw
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    } - _CONNECTION_OPTIONS  # the usual "keep-alive" and "close" name nothing that is still there
+    named.discard(b"")
+    if not named:
+        return kept
+    return [header for header in kept if header[0].lower() not in named]
+
+
+def _client_left(exchange: Exchange, scope: Scope) -> None:
+    exchange.outcome, exchange.error_type = CANCELLED, CANCELLED
+    refused: tuple[int, str] | None = scope.get(REFUSED_WITH)
+    if refused is None:
+        exchange.error = "client disconnected"
+    else:  # otellama's connection cut a client too slow to send its body, after answering it itself
+        exchange.status, exchange.error = refused
 
 
 def _guarded(call: Callable[[Exchange], _T], exchange: Exchange) -> _T | None:
