@@ -755,7 +755,7 @@ def queue_metrics(reader: Any) -> dict[tuple[str, str | None], float]:
     return found
 
 
-def test_the_export_queue_is_bounded_and_counts_what_it_drops() -> None:
+def test_the_export_queue_is_bounded_and_counts_what_it_drops(request: pytest.FixtureRequest) -> None:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -768,6 +768,7 @@ def test_the_export_queue_is_bounded_and_counts_what_it_drops() -> None:
     handed, full = (semconv.SPAN_PROCESSED, None), (semconv.SPAN_PROCESSED, semconv.QUEUE_FULL)
     late = (semconv.SPAN_PROCESSED, semconv.ALREADY_SHUTDOWN)
     black_hole = socket.create_server(("127.0.0.1", 0), backlog=1)
+    request.addfinalizer(black_hole.close)  # closed even when an assertion fails
     reader = InMemoryMetricReader()
     exporter = OTLPSpanExporter(
         endpoint=f"http://127.0.0.1:{black_hole.getsockname()[1]}/v1/traces", timeout=0.3
@@ -793,7 +794,6 @@ def test_the_export_queue_is_bounded_and_counts_what_it_drops() -> None:
     # Every span was handed to the exporter or counted dropped. The SDK checks "full?" and then appends: a
     # batch the worker takes in between averts a drop already counted, so a few may be counted twice.
     assert 0 <= after[handed] + dropped - 1000 <= 16, after
-    black_hole.close()
 
 
 def test_the_sdk_still_offers_what_the_export_queue_relies_on(monkeypatch: pytest.MonkeyPatch) -> None:
