@@ -82,6 +82,14 @@ METRIC_ATTRIBUTE_KEYS = {
     "otellama.client",
     "gen_ai.token.type",
 }
+# The SDK's own span export queue metrics (exportqueue.py turns them on), with the SDK's attributes.
+SDK_QUEUE_METRICS = (
+    "otel.sdk.processor.span.processed",
+    "otel.sdk.processor.span.queue.size",
+    "otel.sdk.processor.span.queue.capacity",
+)
+SDK_QUEUE_ATTRIBUTE_KEYS = {"otel.component.type", "otel.component.name", "error.type"}
+DEFAULT_SPAN_QUEUE = 2048  # OTEL_BSP_MAX_QUEUE_SIZE's default
 PHASES = ("ollama.queue", "ollama.load", "ollama.prompt_eval", "ollama.eval")
 PHASE_NS = {
     "ollama.queue": "ollama.queue_duration_ns",
@@ -420,8 +428,9 @@ def test_spans_continue_the_callers_trace_and_nest_correctly(scenario: Scenario)
 
 def _metrics_complete(receiver: OtlpReceiver[Any]) -> bool:
     names = {p.name for p in receiver.metrics()}
-    wanted = set(SPEC_BUCKETS) | set(OLLAMA_HISTOGRAMS) | set(COUNTERS)
-    return wanted <= names and total(receiver, "ollama.requests") == 2
+    wanted = set(SPEC_BUCKETS) | set(OLLAMA_HISTOGRAMS) | set(COUNTERS) | set(SDK_QUEUE_METRICS)
+    handed = total(receiver, "otel.sdk.processor.span.processed")  # spans the queue gave the exporter
+    return wanted <= names and total(receiver, "ollama.requests") == 2 and handed > 0
 
 
 def test_metrics_arrive_with_spec_buckets_low_cardinality_attributes_and_exemplars(
@@ -456,7 +465,8 @@ def test_metrics_arrive_with_spec_buckets_low_cardinality_attributes_and_exempla
     # Low cardinality: only the agreed keys, and nothing per request (no ids, no prompt text).
     for point in points:
         assert point.resource["service.name"] == "otellama"
-        assert set(point.attributes) <= METRIC_ATTRIBUTE_KEYS, (point.name, point.attributes)
+        keys = SDK_QUEUE_ATTRIBUTE_KEYS if point.name in SDK_QUEUE_METRICS else METRIC_ATTRIBUTE_KEYS
+        assert set(point.attributes) <= keys, (point.name, point.attributes)
         for value in point.attributes.values():
             assert s.prompt not in str(value)
             assert not any(trace_id in str(value) for trace_id in genai)
@@ -479,6 +489,9 @@ def test_metrics_arrive_with_spec_buckets_low_cardinality_attributes_and_exempla
     assert total(receiver, "ollama.cold_starts") == 1
     assert total(receiver, "ollama.cold_starts", **chat_op) == 1
     assert total(receiver, "ollama.requests.in_flight") == 0
+    # The span export queue, as the SDK reports it: its bound, and nothing dropped.
+    assert total(receiver, "otel.sdk.processor.span.queue.capacity") == DEFAULT_SPAN_QUEUE
+    assert total(receiver, "otel.sdk.processor.span.processed", **{"error.type": "queue_full"}) == 0
     eval_seconds = (s.chat_final.eval_duration + s.generated.eval_duration) / 1e9
     assert histogram_totals(receiver, "ollama.eval.duration")[1] == pytest.approx(eval_seconds)
 
@@ -543,6 +556,9 @@ def test_prometheus_scrape_has_the_same_histograms_and_counts(scenario: Scenario
     assert sum(s.value for s in totals) == 2
     assert {s.labels["otellama_outcome"] for s in totals} == {"ok"}
     assert {s.labels["gen_ai_request_model"] for s in totals} == {MODEL}
+    # The span export queue's bound, from the SDK's own metric (exportqueue.py), on the scrape too.
+    capacity = families["otel_sdk_processor_span_queue_capacity"]
+    assert [s.value for s in capacity.samples] == [DEFAULT_SPAN_QUEUE]
 
 
 # --- 4: a dozen mixed exchanges, three renderings that agree ---------------------------------------------

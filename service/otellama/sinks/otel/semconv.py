@@ -1,7 +1,10 @@
 """Every telemetry name otellama emits, with units and bucket boundaries, in one place.
 
 GenAI names come from ``opentelemetry-semantic-conventions`` (core v1.41, REFERENCE §2); the ``ollama.*`` and
-``otellama.*`` names are ours. Nothing else in the package spells a metric or attribute name as a literal.
+``otellama.*`` names are ours. The ``otel.sdk.processor.span.*`` metrics are the SDK's own, recorded by
+its span export queue on otellama's meter provider (see :mod:`~otellama.sinks.otel.exportqueue`), named here
+from the same package for the tests that read them. Nothing else in the package spells a metric or attribute
+name as a literal.
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ from __future__ import annotations
 from typing import Final
 
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as gen_ai
-from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
+from opentelemetry.semconv._incubating.attributes import otel_attributes
+from opentelemetry.semconv._incubating.metrics import gen_ai_metrics, otel_metrics
 from opentelemetry.semconv.attributes import (
     client_attributes,
     error_attributes,
@@ -154,3 +158,15 @@ EXPORT_FAILURES: Final = Metric(
 )
 LOG_FAILURES: Final = Metric("otellama.log.failures", "{line}", "JSONL lines that could not be written")
 SIGNAL: Final = "otellama.signal"  # traces | metrics, on EXPORT_FAILURES
+
+# --- the SDK's span export queue (exportqueue.py turns these on; the SDK creates and records them) --------
+SPAN_PROCESSED: Final = otel_metrics.OTEL_SDK_PROCESSOR_SPAN_PROCESSED  # handed to the exporter, or dropped
+SPAN_QUEUE_SIZE: Final = otel_metrics.OTEL_SDK_PROCESSOR_SPAN_QUEUE_SIZE
+SPAN_QUEUE_CAPACITY: Final = otel_metrics.OTEL_SDK_PROCESSOR_SPAN_QUEUE_CAPACITY
+COMPONENT_TYPE: Final = otel_attributes.OTEL_COMPONENT_TYPE
+COMPONENT_TYPE_BATCHING_SPAN_PROCESSOR: Final = (
+    otel_attributes.OtelComponentTypeValues.BATCHING_SPAN_PROCESSOR.value
+)
+# The error.type of a dropped span on SPAN_PROCESSED, as the spec prescribes (it lists them in prose only).
+QUEUE_FULL: Final = "queue_full"
+ALREADY_SHUTDOWN: Final = "already_shutdown"
