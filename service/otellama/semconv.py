@@ -1,6 +1,6 @@
 """Every telemetry name otellama emits, with units and bucket boundaries, in one place.
 
-GenAI names come from ``opentelemetry-semantic-conventions`` (core v1.41, REFERENCE §2); the ``ollama.*`` and
+GenAI names come from ``opentelemetry-semantic-conventions`` (v1.41: docs/reference.md §2); ``ollama.*`` and
 ``otellama.*`` names are ours. Nothing else in the package spells a metric or attribute name as a literal.
 """
 
@@ -73,7 +73,7 @@ SPAN_EVAL: Final = "ollama.eval"
 SPAN_QUEUE: Final = "ollama.queue"
 
 # --- metrics ----------------------------------------------------------------------------------------------
-# The spec's bucket advice (REFERENCE §2); the semconv create_* helpers pass none, so it is spelled out here.
+# The spec's bucket advice (docs/reference.md §2), which semconv's create_* helpers do not pass.
 DURATION_BUCKETS: Final = tuple(0.01 * 2**i for i in range(14))  # 0.01 … 81.92 s
 TOKEN_BUCKETS: Final = tuple(4**i for i in range(14))  # 1 … 67108864
 TTFT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
