@@ -3,9 +3,10 @@
 
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY service/ service/
-RUN pip install --no-cache-dir --root-user-action=ignore --prefix=/install .
+# The versions the tests and benchmarks ran with, not whatever is newest today.
+RUN pip install --no-cache-dir --root-user-action=ignore --prefix=/install -c constraints.txt .
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin otellama \

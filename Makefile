@@ -5,15 +5,20 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LINTED := $(wildcard service tests bench)
 
-.PHONY: install test lint typecheck pytest prometheus chromium demo bench bench-report soak clean
+.PHONY: install constraints test lint typecheck pytest prometheus chromium demo bench bench-report soak clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package to the versions the tests and benchmarks ran with (the Dockerfile and
+# so CI install from it too); `make constraints` moves it to the newest releases pyproject.toml allows.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,demo]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,demo]'
 	touch $(STAMP)
+
+constraints:
+	PYTHON=$(PYTHON) bash scripts/update-constraints
 
 lint: install
 	$(BIN)/ruff check $(LINTED)

@@ -9,7 +9,7 @@ One run measures, on this machine:
 
 The upstream (bench/upstream.py), the proxy (``python -m otellama serve``) and this load generator are
 three processes. Direct and proxied rounds are interleaved in random order and each figure is the
-median over rounds, differences being taken within a pair of rounds (REFERENCE.md §4), so that drift
+median over rounds, differences being taken within a pair of rounds (docs/reference.md §4), so that drift
 in the machine's load hits both paths alike.
 
   .venv/bin/python bench/proxy_bench.py                     # full run, about 5 minutes

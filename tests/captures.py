@@ -1,4 +1,4 @@
-"""The real Ollama recordings in ../shared/ollama-captures, with what each one was an answer to."""
+"""The real Ollama recordings in tests/data/ollama-captures, with what each one was an answer to."""
 
 from __future__ import annotations
 

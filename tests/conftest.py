@@ -1,4 +1,4 @@
-"""Fixtures: real uvicorn servers on real sockets, the shared reference folder, a scriptable upstream."""
+"""Fixtures: real uvicorn servers on real sockets, the in-repo Ollama recordings, a scriptable upstream."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from otellama.app import create_app
 from otellama.server import BackgroundServer
 from otellama.settings import Settings, Upstream
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CAPTURES = SHARED / "ollama-captures"
-API_FIXTURES = SHARED / "ollama-api"
+# Everything a test reads lives inside the repository (tests/data/README.md says where it came from).
+DATA = Path(__file__).resolve().parent / "data"
+CAPTURES = DATA / "ollama-captures"
+API_FIXTURES = DATA / "ollama-api"
 
 
 @pytest.fixture

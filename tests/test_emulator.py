@@ -27,9 +27,8 @@ from otellama.emulator import (
     create_emulator,
 )
 from otellama.server import running
+from tests.conftest import API_FIXTURES
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-API = SHARED / "ollama-api"
 TIMINGS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
 QUESTION = [{"role": "user", "content": "why is the sky blue?"}]
 # Pacing off and a near-instant load: fast enough for tests that do not measure time.
@@ -73,7 +72,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def queue_ns(final: dict[str, Any]) -> int:
-    """Time spent waiting for a slot, which Ollama counts in total_duration only (REFERENCE §1)."""
+    """Time spent waiting for a slot, which Ollama counts in total_duration only (docs/reference.md §1)."""
     return int(final["total_duration"] - sum(final.get(key, 0) for key in TIMINGS[1:]))
 
 
@@ -90,7 +89,7 @@ def shape(value: Any) -> Any:
 
 
 def current(fixture: dict[str, Any], *, thinking: bool = False) -> Any:
-    """The shape of a documented response as the current server (REFERENCE §1) sends it.
+    """The shape of a documented response as the current server (docs/reference.md §1) sends it.
 
     The docs span several Ollama eras: finals written before ``done_reason`` existed lack it (current servers
     always send it, ``"load"``/``"unload"`` included); old chat chunks carry ``"images": null``, now omitted;
@@ -165,13 +164,13 @@ REPLAYS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def test_every_request_fixture_is_replayed() -> None:
-    found = {path.name for path in API.glob("*_request.json*")}
+    found = {path.name for path in API_FIXTURES.glob("*_request.json*")}
     assert found == set(REPLAYS)
 
 
 @pytest.fixture(scope="module")
 def replay_client() -> Iterator[httpx.Client]:
-    models = {load_fixture(API / name)["model"] for name in REPLAYS}
+    models = {load_fixture(API_FIXTURES / name)["model"] for name in REPLAYS}
     with (
         serve(EmulatorSettings(load_seconds=0.01, token_rate=0, models=tuple(sorted(models)))) as url,
         httpx.Client(base_url=url, timeout=10) as client,
@@ -182,10 +181,10 @@ def replay_client() -> Iterator[httpx.Client]:
 @pytest.mark.parametrize("name", sorted(REPLAYS))
 def test_replayed_request_matches_documented_shape(replay_client: httpx.Client, name: str) -> None:
     endpoint, expected_names = REPLAYS[name]
-    request = load_fixture(API / name)
+    request = load_fixture(API_FIXTURES / name)
     response = replay_client.post(endpoint, json=request)
     assert response.status_code == 200, response.text
-    expected = [load_fixture(API / expected_name) for expected_name in expected_names]
+    expected = [load_fixture(API_FIXTURES / expected_name) for expected_name in expected_names]
     # Thinking-capable models think unless the request says otherwise (Ollama's ChatHandler defaults think).
     thinking = request.get("think", request["model"].startswith(("qwen3", "gpt-oss"))) not in (None, False)
 
@@ -236,7 +235,7 @@ def test_cold_load_then_warm_then_unloaded_by_keep_alive_zero() -> None:
         cold = client.post("/api/generate", json=ask).json()
         warm = client.post("/api/generate", json=ask).json()
         assert cold["load_duration"] >= 0.2e9
-        # Warm is small but never zero (REFERENCE §1: "warm = load_duration == 0" is wrong).
+        # Warm is small but never zero (docs/reference.md §1: "warm = load_duration == 0" is wrong).
         assert 0 < warm["load_duration"] < 0.05e9
         assert [m["name"] for m in client.get("/api/ps").json()["models"]] == ["gemma3:1b"]
 

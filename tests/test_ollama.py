@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,10 +19,7 @@ from otellama.observe.ollama import (
     framing_for,
     operation_for,
 )
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CAPTURES = SHARED / "ollama-captures"
-API_FIXTURES = SHARED / "ollama-api"
+from tests.conftest import API_FIXTURES, CAPTURES
 
 
 def capture_final(name: str) -> dict[str, Any]:
@@ -48,7 +44,7 @@ def test_operation_names_are_the_spec_values() -> None:
         ("POST", "/v1/chat/completions", "chat"),
         ("POST", "/v1/completions", "text_completion"),
         ("POST", "/v1/embeddings", "embeddings"),
-        # Everything else in REFERENCE §1 is passed through without a GenAI operation.
+        # Everything else in docs/reference.md §1 is passed through without a GenAI operation.
         ("GET", "/", None),
         ("HEAD", "/", None),
         ("GET", "/api/version", None),

@@ -55,7 +55,7 @@ IDS = TraceIds(
 )
 NON_GENAI_IDS = dataclasses.replace(IDS, genai_span_id=None, parent_span_id=None, phase_span_ids={})
 
-#: The JSONL fields the issue asks for, by these exact names (the log this project grew from, REFERENCE §5).
+#: The JSONL fields the issue asks for, by these exact names (the old log's: docs/reference.md §5).
 SCHEMA = (
     "timestamp",
     "trace_id",
@@ -211,7 +211,7 @@ def final_object(capture: captures.Capture) -> dict[str, Any] | None:
 
 
 def timing(final: dict[str, Any] | None, name: str) -> int | None:
-    """REFERENCE §1 and ``ollama.Timings``: a local server always sends load_duration, and then a field its
+    """docs/reference.md §1, ``ollama.Timings``: a local server always sends load_duration; then a field its
     response type defines but omits is 0; without load_duration a missing field is unknown (None)."""
     if final is None:
         return None

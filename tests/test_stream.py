@@ -17,10 +17,7 @@ from hypothesis import strategies as st
 
 from otellama.observe.ollama import Timings
 from otellama.observe.stream import BODY_CAP, LINE_CAP, Observation, StreamObserver
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CAPTURES = SHARED / "ollama-captures"
-API_FIXTURES = SHARED / "ollama-api"
+from tests.conftest import API_FIXTURES, CAPTURES
 
 # Capture 17 came from a fixture named .sse, but the bytes (and the file here) are NDJSON.
 FRAMINGS = {".ndjson": "ndjson", ".sse": "sse", ".json": "json"}

@@ -47,7 +47,7 @@ T = TypeVar("T")
 MODEL = "llama3.2:3b"
 PROTOCOLS: dict[str, type[OtlpReceiver[Any]]] = {"grpc": OtlpGrpcReceiver, "http/protobuf": OtlpHttpReceiver}
 
-# The spec's bucket advice, restated from REFERENCE §2 on purpose (not imported from semconv.py).
+# The spec's bucket advice, restated from docs/reference.md §2 on purpose (not imported from semconv.py).
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 TOKEN_BUCKETS = (
     1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
@@ -71,7 +71,7 @@ OLLAMA_HISTOGRAMS = (
     "ollama.prompt.throughput",
 )
 COUNTERS = ("ollama.cold_starts", "ollama.requests", "ollama.requests.in_flight")
-# The OpenTelemetry SDK's default boundaries: useless for seconds (REFERENCE §2), so never acceptable here.
+# The OpenTelemetry SDK's default boundaries: useless for seconds (docs/reference.md §2), never acceptable.
 SDK_DEFAULT_BUCKETS = (0, 5, 10, 25, 50, 75, 100, 250, 500, 750, 1000, 2500, 5000, 7500, 10000)
 METRIC_ATTRIBUTE_KEYS = {
     "gen_ai.operation.name",

@@ -1,7 +1,7 @@
 """An Ollama stand-in for the demo, the tests and the benchmark.
 
-It answers Ollama's native and OpenAI-compatible HTTP API the way the Ollama server does (REFERENCE.md §1 and
-the fixtures in ``shared/ollama-api``): NDJSON and SSE streams, ``done: true`` finals with nanosecond timings,
+It answers Ollama's native and OpenAI-compatible HTTP API as the Ollama server does (docs/reference.md §1 and
+the fixtures in tests/data/ollama-api): NDJSON and SSE streams, ``done: true`` finals with nanosecond timings,
 zero-valued fields omitted, errors with their real status codes and body shapes. Output text is made up, but
 deterministically: the same settings and request always produce the same tokens. It is never the thing under
 test: where it and Ollama's documented or recorded bytes disagree, the emulator is wrong.

@@ -1,6 +1,6 @@
 """What otellama knows about Ollama's HTTP protocol. No I/O here: only names, shapes and arithmetic.
 
-- :func:`endpoint_for` / :func:`operation_for`: which requests are GenAI operations (REFERENCE §2).
+- :func:`endpoint_for` / :func:`operation_for`: which requests are GenAI operations (docs/reference.md §2).
 - :func:`framing_for`: how a response body is framed, from its Content-Type (never from the request).
 - :class:`Timings`: the durations and counts of a final object, with the rule for the fields Ollama omits.
 - :func:`error_message`: the text of a native ``{"error": "..."}`` or a /v1 ``{"error": {"message": ...}}``.

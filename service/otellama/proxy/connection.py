@@ -1,6 +1,6 @@
 """The client's connection: uvicorn's httptools protocol, plus the limits it lacks.
 
-uvicorn with httptools (the fast stack, REFERENCE §4) bounds neither the size of a request's headers nor
+uvicorn with httptools (fast: docs/reference.md §4) bounds neither the size of a request's headers nor
 the time a client may take to send them: measured, an 8 MB header and 100,000 headers were accepted, and a
 client that sends half a request line holds its connection (and its memory) forever. Slow-loris clients
 would exhaust otellama's file descriptors long before Ollama saw any load. This protocol adds:

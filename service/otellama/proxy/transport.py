@@ -2,7 +2,7 @@
 
 httpx stays the client API (and the seam that opentelemetry-instrumentation-httpx hooks), but its default
 transport spends most of a token stream in connection-pool bookkeeping: measured 7-10x slower than the limit
-on this stack (REFERENCE §4). aiohttp's client, which moved our bytes before this module, relays at near
+on this stack (docs/reference.md §4). aiohttp's client, which moved our bytes before this module, ran at near
 line rate but spent as much CPU per request as the rest of the proxy together, in machinery a proxy does not
 use (timeout objects, tracing signals, URL objects, cookie and auto-header handling), and a chain of stream
 reader, async generators and futures per chunk. Here one ``asyncio.Protocol`` per upstream connection feeds

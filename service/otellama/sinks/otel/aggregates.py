@@ -14,7 +14,7 @@ The points reach the readers through ``MetricReader._set_collect_callback``, the
 MeterProvider registers itself with: :meth:`Aggregates.attach` wraps the provider's callback and adds these
 metrics to what the SDK collected for its own instruments. It is an SDK-internal hook, so
 ``tests/test_aggregates.py`` checks the result against the SDK's own aggregation of the same measurements;
-an SDK release that changes the hook fails there, not in production.
+an SDK release that changes the hook fails there, and ``tests/test_internals.py`` names the change.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Every telemetry name otellama emits, with units and bucket boundaries, in one place.
 
-GenAI names come from ``opentelemetry-semantic-conventions`` (core v1.41, REFERENCE §2); the ``ollama.*`` and
-``otellama.*`` names are ours. The ``otel.sdk.processor.span.*`` metrics are the SDK's own, recorded by
-its span export queue on otellama's meter provider (see :mod:`~otellama.sinks.otel.exportqueue`), named here
-from the same package for the tests that read them. Nothing else in the package spells a metric or attribute
-name as a literal.
+GenAI names come from ``opentelemetry-semantic-conventions`` (core v1.41, docs/reference.md §2); the
+``ollama.*`` and ``otellama.*`` names are ours. The ``otel.sdk.processor.span.*`` metrics are the SDK's own,
+recorded by its span export queue on otellama's meter provider (see :mod:`~otellama.sinks.otel.exportqueue`),
+named here from the same package for the tests that read them. Nothing else in the package spells a metric or
+attribute name as a literal.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ SPAN_EVAL: Final = "ollama.eval"
 SPAN_QUEUE: Final = "ollama.queue"
 
 # --- metrics ----------------------------------------------------------------------------------------------
-# The spec's bucket advice (REFERENCE §2); the semconv create_* helpers pass none, so it is spelled out here.
+# The spec's bucket advice (docs/reference.md §2), which semconv's create_* helpers do not pass.
 DURATION_BUCKETS: Final = tuple(0.01 * 2**i for i in range(14))  # 0.01 … 81.92 s
 TOKEN_BUCKETS: Final = tuple(4**i for i in range(14))  # 1 … 67108864
 TTFT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)

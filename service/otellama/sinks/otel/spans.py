@@ -101,7 +101,7 @@ def attributes_of(*pairs: tuple[str, Any]) -> dict[str, Any]:
 
 
 def genai_attributes(record: Record) -> dict[str, Any]:
-    """The GenAI span's attributes (REFERENCE §2) plus Ollama's raw numbers as ``ollama.*``."""
+    """The GenAI span's attributes (docs/reference.md §2) plus Ollama's raw numbers as ``ollama.*``."""
     t, r = record.timings, record.request
     attributes = attributes_of(
         (semconv.OPERATION, record.operation),
