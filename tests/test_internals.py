@@ -3,10 +3,10 @@
 ``proxy/connection.py`` subclasses uvicorn's ``HttpToolsProtocol`` and relies on its parser callbacks, its
 flow control, its pipeline and its per-request cycle; ``sinks/otel/aggregates.py`` wraps the OpenTelemetry
 SDK's private ``MetricReader`` collect hook; ``sinks/otel/export.py`` copies a ``MetricExporter``'s private
-preferences. None of these is public API. tests/test_abuse.py and tests/test_aggregates.py show *that* otellama misbehaves when one
-changes; these name *which* upstream piece moved, at which installed version, against the version
-``constraints.txt`` pins (the one everything was tested with). pyproject.toml's upper bounds keep users off
-untested releases.
+preferences. None of these is public API. tests/test_abuse.py and tests/test_aggregates.py show *that*
+otellama misbehaves when one changes; these name *which* upstream piece moved, at which installed version,
+against the version ``constraints.txt`` pins (the one everything was tested with). pyproject.toml's upper
+bounds keep users off untested releases.
 """
 
 from __future__ import annotations
