@@ -50,6 +50,7 @@ from otellama.demo.workload import (
     client_headers,
 )
 
+# Named, not __name__: run as `python -m otellama.demo.traffic` (the demo stack does) it is "__main__".
 log = logging.getLogger("otellama.demo.traffic")
 
 

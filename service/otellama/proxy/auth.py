@@ -44,7 +44,7 @@ from starlette.types import Scope, Send
 from otellama.proxy.errors import error_body, json_headers
 from otellama.settings import Settings, SettingsError
 
-log = logging.getLogger("otellama.proxy.auth")
+log = logging.getLogger(__name__)
 
 #: Shortest key accepted. ``ollama``, the placeholder the OpenAI client needs, is no key at all.
 MIN_KEY_LENGTH: Final = 16
