@@ -154,7 +154,8 @@ class Settings:
     client_header: str = "x-client-name"
     #: A ``load_duration`` above this many seconds is a cold start (a loaded model still reports a few ms).
     cold_start_seconds: float = 1.0
-    #: API keys (``name:key`` per line, see ``auth.py``). None: no keys, every request is let through.
+    #: API keys (``name:key`` per line, see :mod:`otellama.proxy.auth`). None: no keys, every request is let
+    #: through.
     api_keys_file: Path | None = None
     #: With keys on: pass the client's ``Authorization`` header on to Ollama (default: it stops here).
     forward_authorization: bool = False
