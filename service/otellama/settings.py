@@ -1,7 +1,8 @@
 """Every setting otellama reads, in one place.
 
 Each setting has one environment variable; command-line flags override the environment. The standard
-``OTEL_*`` variables are read by the telemetry module as users know them and are not repeated here.
+``OTEL_*`` variables are read by :mod:`otellama.sinks.otel` (and the SDK) as users know them and are not
+repeated here.
 """
 
 from __future__ import annotations
