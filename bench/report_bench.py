@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 from otellama.observe import ollama
-from otellama.observe.record import Record, RequestFacts, TraceIds
+from otellama.observe.record import Record, TraceIds
+from otellama.observe.request import RequestFacts
 from otellama.sinks.jsonlog import JsonLog, encode
 
 START, END = "<!-- report-bench:start -->", "<!-- report-bench:end -->"

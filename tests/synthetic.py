@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from otellama.observe import ollama
-from otellama.observe.record import Record, RequestFacts, TraceIds
+from otellama.observe.record import Record, TraceIds
+from otellama.observe.request import RequestFacts
 from otellama.sinks.jsonlog import encode
 
 MODELS = ("llama3.2:3b", "qwen3:14b", "gemma3:1b")

@@ -552,7 +552,7 @@ def test_captured_content_is_capped_per_attribute(
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from otellama.observe.record import CONTENT_LIMIT
+    from otellama.observe.request import CONTENT_LIMIT
 
     monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "SPAN_ONLY")
     huge_answer = "z" * (5 * CONTENT_LIMIT)

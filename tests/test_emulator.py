@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -23,16 +24,24 @@ from otellama.emulator import (
     FAULT_HEADER,
     FAULT_MIDSTREAM_ERROR,
     MIDSTREAM_MESSAGE,
+    Emulator,
     EmulatorSettings,
     create_emulator,
 )
-from otellama.server import running
+from otellama.server import BackgroundServer
 from tests.conftest import API_FIXTURES
 
 TIMINGS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
 QUESTION = [{"role": "user", "content": "why is the sky blue?"}]
 # Pacing off and a near-instant load: fast enough for tests that do not measure time.
 FAST = EmulatorSettings(load_seconds=0.01, token_rate=0)
+
+
+@contextlib.contextmanager
+def running(app: Emulator) -> Iterator[str]:
+    """``app`` on a real socket for the duration of a ``with`` block; yields its base URL."""
+    with BackgroundServer(app) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from otellama.observe.ollama import (
     endpoint_for,
     error_message,
     framing_for,
-    operation_for,
 )
 from tests.conftest import API_FIXTURES, CAPTURES
 
@@ -76,8 +75,7 @@ def test_operation_names_are_the_spec_values() -> None:
         ("POST", "/v2/chat/completions", None),
     ],
 )
-def test_operation_for(method: str, path: str, operation: str | None) -> None:
-    assert operation_for(method, path) == operation
+def test_endpoint_for_names_the_operation(method: str, path: str, operation: str | None) -> None:
     endpoint = endpoint_for(method, path)
     assert (endpoint.operation if endpoint else None) == operation
 

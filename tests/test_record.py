@@ -15,15 +15,13 @@ import pytest
 
 from otellama.exchange import CANCELLED, ERROR, Exchange
 from otellama.observe import ollama
-from otellama.observe.record import (
+from otellama.observe.record import Record, TraceIds, build
+from otellama.observe.request import (
     CLIENT_NAME_LIMIT,
     CONTENT_LIMIT,
     CUT_MARK,
     FIELD_LIMIT,
     LABEL_LIMIT,
-    Record,
-    TraceIds,
-    build,
     capped,
     endpoint_of,
     parse_request,

@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from starlette.types import Send
 
 from otellama.app import create_app
-from otellama.observe.record import FIELD_LIMIT, LABEL_LIMIT
+from otellama.observe.request import FIELD_LIMIT, LABEL_LIMIT
 from otellama.observe.stream import LINE_CAP
 from otellama.settings import Settings, Upstream
 from otellama.sinks.capper import LENGTH as METRIC_VALUE_LIMIT

@@ -420,7 +420,8 @@ def _otellama_totals(url: str) -> tuple[float, float]:
 def _drive(url: str) -> None:
     """One round: every scenario as CLIENT (every outcome), a little as another client and as nobody."""
     with httpx.Client(base_url=url, timeout=30.0, trust_env=False) as http:
-        traffic.run_round(traffic.Caller(http, CLIENT))
+        for scenario in traffic.SCENARIOS:
+            scenario.run(traffic.Caller(http, CLIENT))
         traffic.chat_stream(traffic.Caller(http, OTHER_CLIENT, "gemma3:1b"))
         traffic.embed(traffic.Caller(http, OTHER_CLIENT))
         traffic.chat(traffic.Caller(http, None))

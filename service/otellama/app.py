@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from otellama import __version__
 from otellama.exchange import Recorder
-from otellama.proxy.auth import Gate
+from otellama.proxy.auth import ADMIN_PREFIX, Gate
 from otellama.proxy.forward import Proxy
 from otellama.proxy.transport import HttpTransport
 from otellama.settings import Settings
@@ -31,8 +31,6 @@ from otellama.sinks.otel.sink import OtelSink
 from otellama.sinks.stats import RollingStats, parse_window
 
 log = logging.getLogger("otellama")
-
-ADMIN_PREFIX = "/otellama/"
 
 
 class UpstreamProbe:

@@ -167,7 +167,7 @@ def _serve(args: argparse.Namespace) -> int:
     _warn_if_unreachable(settings)
     import uvicorn
 
-    # The guarded protocol bounds request headers and slow clients (connection.py); on SIGTERM running
+    # The guarded protocol bounds request headers and slow clients (proxy/connection.py); on SIGTERM running
     # requests get OTELLAMA_SHUTDOWN_GRACE seconds, then the lifespan flushes the log and the exporters.
     config = server.config(
         app,
@@ -260,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``otellama`` console script; returns the process exit code."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is the access log we dropped
+    # httpx logs a line per request at INFO; the JSONL log is otellama's access log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     commands = {"serve": _serve, "emulate": _emulate, "demo": _demo, "report": _report, "replay": _replay}
     try:
         return commands[args.command](args)

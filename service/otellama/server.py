@@ -7,10 +7,8 @@ passes Ollama's ``Date`` through and adds no ``Server``).
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any, cast
 
 import uvicorn
@@ -76,10 +74,3 @@ class BackgroundServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def running(app: ASGIApp, host: str = "127.0.0.1", port: int = 0, **options: object) -> Iterator[str]:
-    """Run ``app`` in the background for the duration of a ``with`` block and yield its base URL."""
-    with BackgroundServer(app, host, port, **options) as server:
-        yield server.url

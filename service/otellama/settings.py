@@ -1,7 +1,8 @@
 """Every setting otellama reads, in one place.
 
 Each setting has one environment variable; command-line flags override the environment. The standard
-``OTEL_*`` variables are read by the telemetry module as users know them and are not repeated here.
+``OTEL_*`` variables are read by :mod:`otellama.sinks.otel` (and the SDK) as users know them and are not
+repeated here.
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ class Settings:
     client_header: str = "x-client-name"
     #: A ``load_duration`` above this many seconds is a cold start (a loaded model still reports a few ms).
     cold_start_seconds: float = 1.0
-    #: API keys (``name:key`` per line, see ``auth.py``). None: no keys, every request is let through.
+    #: API keys (``name:key`` per line, see :mod:`otellama.proxy.auth`). None: no keys, every request is let
+    #: through.
     api_keys_file: Path | None = None
     #: With keys on: pass the client's ``Authorization`` header on to Ollama (default: it stops here).
     forward_authorization: bool = False

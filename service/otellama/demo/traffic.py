@@ -8,7 +8,7 @@ asked for again (a cold start), an unknown model (404), a stream that fails midw
 mid-stream.
 
 The midway failure uses the emulator's ``X-Emulator-Fault`` header; a real Ollama ignores it and that
-exchange simply succeeds. :func:`run_round` runs every scenario once, in order (the stack test uses it);
+exchange simply succeeds. :data:`SCENARIOS` lists them (the stack test runs each once, in order);
 :func:`main` loops forever over a weighted random pick of them, from a few worker threads (the ``demo``
 profile of ``docker-compose.yml`` runs it). What it asks for (models, prompts, clients) is the workload it
 shares with ``otellama demo`` (:mod:`otellama.demo.workload`).
@@ -50,6 +50,7 @@ from otellama.demo.workload import (
     client_headers,
 )
 
+# Named, not __name__: run as `python -m otellama.demo.traffic` (the demo stack does) it is "__main__".
 log = logging.getLogger("otellama.demo.traffic")
 
 
@@ -170,11 +171,6 @@ SCENARIOS: Final = (
     Scenario("mid-stream error", midstream_error, 0.3),
     Scenario("client hangs up", hang_up, 0.4),
 )
-
-
-def run_round(caller: Caller) -> list[tuple[str, str]]:
-    """Every scenario once, in order; returns (scenario, what came back)."""
-    return [(scenario.name, scenario.run(caller)) for scenario in SCENARIOS]
 
 
 def _worker(target: str, pause: float, seed: int, stop: threading.Event) -> None:

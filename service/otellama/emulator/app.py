@@ -46,13 +46,11 @@ class Emulator:
     """The emulated Ollama server, an ASGI application (see the package docstring).
 
     Public state, for tests and the demo: :attr:`cancellations` lists requests whose client went away
-    mid-response, :attr:`requests_seen` counts HTTP requests, :attr:`in_flight` the model runs admitted and
-    not finished.
+    mid-response, :attr:`in_flight` counts the model runs admitted and not finished.
     """
 
     def __init__(self, settings: EmulatorSettings | None = None) -> None:
         self.settings = settings or EmulatorSettings()
-        self.requests_seen = 0
         self._runtime = Runtime(self.settings)
 
     @property
@@ -81,7 +79,6 @@ class Emulator:
                 return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.requests_seen += 1
         exchange = Exchange(scope, receive, send)
         path = exchange.path
         methods = _ROUTES.get(path)

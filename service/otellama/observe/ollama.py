@@ -1,6 +1,6 @@
 """What otellama knows about Ollama's HTTP protocol. No I/O here: only names, shapes and arithmetic.
 
-- :func:`endpoint_for` / :func:`operation_for`: which requests are GenAI operations (docs/reference.md §2).
+- :func:`endpoint_for`: which requests are GenAI operations, and which (docs/reference.md §2).
 - :func:`framing_for`: how a response body is framed, from its Content-Type (never from the request).
 - :class:`Timings`: the durations and counts of a final object, with the rule for the fields Ollama omits.
 - :func:`error_message`: the text of a native ``{"error": "..."}`` or a /v1 ``{"error": {"message": ...}}``.
@@ -55,12 +55,6 @@ def endpoint_for(method: str, path: str) -> Endpoint | None:
     paths, including ``/v1/responses`` and ``/v1/messages``, are None.
     """
     return _BY_PATH.get(path) if method == "POST" else None
-
-
-def operation_for(method: str, path: str) -> str | None:
-    """``gen_ai.operation.name`` for a request: ``chat``, ``text_completion``, ``embeddings``, or None."""
-    endpoint = endpoint_for(method, path)
-    return endpoint.operation if endpoint is not None else None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

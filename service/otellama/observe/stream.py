@@ -30,6 +30,9 @@ chunk, the final chunk, or a /v1 role-only or finish delta):
 
 Thinking and tool calls count because the model spends tokens on them: the time to first content is the
 time the model started producing, whatever it produced.
+
+One module for one noun, past 500 lines: the observer is a single state machine fed a chunk at a time, and
+its line splitting, parsing, skimming and conclusion all read and write that one state.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from starlette.types import Scope, Send
 from otellama.proxy.errors import error_body, json_headers
 from otellama.settings import Settings, SettingsError
 
-log = logging.getLogger("otellama.proxy.auth")
+log = logging.getLogger(__name__)
 
 #: Shortest key accepted. ``ollama``, the placeholder the OpenAI client needs, is no key at all.
 MIN_KEY_LENGTH: Final = 16
@@ -55,6 +55,8 @@ OPEN_PATH: Final = "/otellama/health"
 #: The client name of a CORS preflight without a key: fixed, so a preflight can neither claim another
 #: client's name nor fill the client label's slots with invented ones. Reserved: no key may be named so.
 ANONYMOUS: Final = "anonymous"
+#: Where otellama's own endpoints live: the app answers these itself, the gate guards them as admin. One
+#: constant for both, so what is answered and what is guarded cannot drift apart.
 ADMIN_PREFIX: Final = "/otellama/"
 
 _NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-@+/")

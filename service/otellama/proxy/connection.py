@@ -43,7 +43,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from otellama.proxy.errors import error_body, json_headers
 
-log = logging.getLogger("otellama.proxy.connection")
+log = logging.getLogger(__name__)
 
 #: Most bytes a request may spend on its request line and headers.
 HEADER_LIMIT: Final = 64 * 1024

@@ -40,8 +40,9 @@ SHUTDOWN = ShuttingDown()
 
 
 def classify_failure(exc: BaseException, upstream: Upstream) -> tuple[int, str, str]:
-    """Map a failure to (status, message, error type): upstream transport failures (see transport.py's
-    tree), otellama shutting down, and otellama's own bugs (500, named by nothing but "internal")."""
+    """Map a failure to (status, message, error type): upstream transport failures (see the exception tree in
+    :mod:`otellama.proxy.transport`), otellama shutting down, and otellama's own bugs (500, named by nothing
+    but "internal")."""
     where = upstream.url
     if isinstance(exc, ShuttingDown):
         return (

@@ -24,7 +24,7 @@ from otellama.proxy.connection import REFUSED_WITH
 from otellama.proxy.errors import SHUTDOWN, classify_failure, error_body, json_headers
 from otellama.settings import Upstream
 
-log = logging.getLogger("otellama.proxy.forward")
+log = logging.getLogger(__name__)
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus Host (rewritten: Ollama answers 403 to a Host it does not know).
 _HOP_BY_HOP = frozenset(

@@ -2,13 +2,17 @@
 
 httpx stays the client API (and the seam that opentelemetry-instrumentation-httpx hooks), but its default
 transport spends most of a token stream in connection-pool bookkeeping: measured 7-10x slower than the limit
-on this stack (docs/reference.md §4). aiohttp's client, which moved our bytes before this module, ran at near
-line rate but spent as much CPU per request as the rest of the proxy together, in machinery a proxy does not
-use (timeout objects, tracing signals, URL objects, cookie and auto-header handling), and a chain of stream
-reader, async generators and futures per chunk. Here one ``asyncio.Protocol`` per upstream connection feeds
-httptools' response parser (the parser uvicorn uses for the client side) and hands each read straight to
-whoever awaits the body. Measured with bench/proxy_bench.py's load (telemetry off): the proxy's CPU per tiny
-non-streamed request halved, per paced token it fell by about a quarter.
+on this stack (docs/reference.md §4). aiohttp's client relays at near line rate but spends as much CPU per
+request as the rest of the proxy together, in machinery a proxy does not use (timeout objects, tracing
+signals, URL objects, cookie and auto-header handling), and a chain of stream reader, async generators and
+futures per chunk. Here one ``asyncio.Protocol`` per upstream connection feeds httptools' response parser (the
+parser uvicorn uses for the client side) and hands each read straight to whoever awaits the body. Measured
+with bench/proxy_bench.py's load (telemetry off), against aiohttp's client: half the proxy's CPU per tiny
+non-streamed request, about a quarter less per paced token.
+
+One module for one noun, the upstream HTTP/1.1 client: the connection protocol, the response stream and the
+pool share each connection's exchange state (whether it is parked, reusable or failed), which splitting them
+apart would turn into a public interface.
 
 What a transparent proxy needs, and so what this does:
 

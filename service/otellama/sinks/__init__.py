@@ -6,7 +6,7 @@
 (spans and metrics through the OpenTelemetry SDK, and ``/otellama/metrics``).
 
 May import: :mod:`otellama.exchange`, :mod:`otellama.settings`, :mod:`otellama.observe`, the standard
-library and (in ``otel`` and ``fanout`` only) OpenTelemetry. Never :mod:`otellama.proxy` (the proxy hands
+library and (in ``otel`` only) OpenTelemetry. Never :mod:`otellama.proxy` (the proxy hands
 exchanges over through the Recorder seam), :mod:`otellama.tools`, :mod:`otellama.emulator` or
 :mod:`otellama.demo`.
 """

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from typing import Final
 
-from otellama.observe.record import clip
+from otellama.observe.request import clip
 
 #: Distinct values kept per attribute.
 LIMIT: Final = 100

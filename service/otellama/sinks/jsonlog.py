@@ -41,7 +41,7 @@ from otellama.sinks.complaints import Complaints
 
 __all__ = ["JsonLog", "encode"]
 
-logger = logging.getLogger("otellama.sinks.jsonlog")
+log = logging.getLogger(__name__)
 
 
 _OPEN_FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
@@ -90,7 +90,7 @@ class JsonLog:
         self._rotates = False
         self._closed = False
         self._retry_at = float("-inf")
-        self._complain = Complaints(logger, clock=clock)
+        self._complain = Complaints(log, clock=clock)
         self._failing = False
         self._failures = 0
         self._dropped = 0
@@ -144,7 +144,7 @@ class JsonLog:
             if self._failing:
                 self._failing = False
                 self._complain.recovered()
-                logger.info("writing the log %s again (%d lines dropped so far)", self._path, self._dropped)
+                log.info("writing the log %s again (%d lines dropped so far)", self._path, self._dropped)
             return True
 
     def close(self) -> None:

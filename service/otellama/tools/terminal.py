@@ -85,10 +85,6 @@ def rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
 
-def count(value: int) -> str:
-    return f"{value:,}"
-
-
 def percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} %"
 

@@ -4,6 +4,7 @@
 its measurements, aggregated by ``aggregates``; ``export`` builds the OTLP exporters and the bounded
 export queue; ``sink`` puts them together behind the sink interface.
 
-May import what :mod:`otellama.sinks` may. These modules and :mod:`otellama.sinks.fanout` are the only
-ones in the server that speak OpenTelemetry.
+May import what :mod:`otellama.sinks` may. In the server, only these modules and :mod:`otellama.app` import
+OpenTelemetry: the app wraps the upstream client in opentelemetry-instrumentation-httpx when asked, and
+passes a caller's tracer provider and metric readers through to :mod:`~otellama.sinks.otel.sink`.
 """

@@ -2,7 +2,7 @@
 
 One exchange records up to 13 histograms and two or three counters. Through the SDK each record costs ~8 µs
 per metric reader: it copies and validates the attributes, hashes them into a frozenset and consults the
-exemplar filter. With the Prometheus and OTLP readers that was ~200 µs an exchange, most of telemetry's
+exemplar filter. With the Prometheus and OTLP readers that comes to ~200 µs an exchange, most of telemetry's
 budget (and the in-flight counter sits on the request path). Here a record is one dict lookup on an
 attribute tuple and a few additions per reader, and each reader still gets the data points the SDK would
 have built: cumulative or delta as the reader prefers for each kind of instrument; count, sum, min, max and

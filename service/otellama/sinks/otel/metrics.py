@@ -20,7 +20,7 @@ class Instruments:
 
     What is recorded for every exchange is aggregated by :class:`~otellama.sinks.otel.aggregates.Aggregates`
     (through the SDK it would cost more than the rest of telemetry together); the rare failure counters are
-    ordinary SDK instruments, like the export queue's own (exportqueue.py).
+    ordinary SDK instruments, like the export queue's own (:mod:`~otellama.sinks.otel.exportqueue`).
     """
 
     def __init__(self, meter: Meter, aggregates: Aggregates) -> None:

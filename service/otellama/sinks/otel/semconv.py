@@ -15,11 +15,9 @@ from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as ge
 from opentelemetry.semconv._incubating.attributes import otel_attributes
 from opentelemetry.semconv._incubating.metrics import gen_ai_metrics, otel_metrics
 from opentelemetry.semconv.attributes import (
-    client_attributes,
     error_attributes,
     http_attributes,
     server_attributes,
-    url_attributes,
 )
 
 # --- span and metric attributes -------------------------------------------------------------------------
@@ -50,8 +48,6 @@ ERROR_TYPE: Final = error_attributes.ERROR_TYPE
 HTTP_METHOD: Final = http_attributes.HTTP_REQUEST_METHOD
 HTTP_STATUS: Final = http_attributes.HTTP_RESPONSE_STATUS_CODE
 HTTP_ROUTE: Final = http_attributes.HTTP_ROUTE
-URL_PATH: Final = url_attributes.URL_PATH
-CLIENT_ADDRESS: Final = client_attributes.CLIENT_ADDRESS
 
 # Ollama's raw numbers on the GenAI span, in its own units (nanoseconds), so nothing is lost to rounding.
 OLLAMA_LOAD_NS: Final = "ollama.load_duration_ns"
