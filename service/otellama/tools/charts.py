@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from otellama.exchange import OUTCOME_CODES
+from otellama.exchange import CANCELLED, ERROR, OK, OUTCOME_CODES
 from otellama.observe import ollama, summary
 from otellama.tools import terminal
 from otellama.tools.logscan import Scan, files_text
@@ -37,7 +37,7 @@ PHASE_COLOURS: Final = {
     ollama.PROMPT_EVAL: "#3a8fd9",
     ollama.EVAL: "#3aa76d",
 }
-OUTCOME_COLOURS: Final = {"ok": "#3a8fd9", "error": "#d64545", "cancelled": "#e0a030"}
+OUTCOME_COLOURS: Final = {OK: "#3a8fd9", ERROR: "#d64545", CANCELLED: "#e0a030"}
 _STEPS: Final = (1, 5, 10, 30, 60, 300, 600, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400)
 
 _CSS: Final = """
@@ -429,7 +429,7 @@ def page(scan: Scan, title: str = "otellama report") -> str:
             f"Read {scan.lines:,} lines from {_e(files)}{_e(corrupt)}.{_e(omitted)}</p>",
             _table(scan),
             "<h2>Requests over time</h2>",
-            _legend([(name, OUTCOME_COLOURS[name]) for name in ("ok", "cancelled", "error")]),
+            _legend([(name, OUTCOME_COLOURS[name]) for name in (OK, CANCELLED, ERROR)]),
             f'<section class="card">{timeline(scan)}</section>',
             "<h2>Time to first token</h2>",
             '<p class="note">Streamed requests: request to first content, log scale; dashed lines mark p50 '
