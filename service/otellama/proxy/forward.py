@@ -245,6 +245,9 @@ class Proxy:
         if first["type"] == "http.disconnect":
             return  # gone before it sent a body: nothing reached Ollama, nothing to record
         body: bytes = first.get("body", b"")
+        if named is None and (exchange.method, path) in MERGED and not first.get("more_body", False):
+            await self._merged(exchange, send, path)
+            return
         content: bytes | AsyncIterator[bytes]
         if first.get("more_body", False) and path in MODEL_PATHS:
             # The model is in the body: read it (up to the capture limit, as nginx buffers bodies) to route.
@@ -278,10 +281,6 @@ class Proxy:
                 return
             model = model_of(path, content if isinstance(content, bytes) else None)
             plan = Plan([host], "only", model_key(model) if model else None)
-        elif (exchange.method, path) in MERGED:
-            await self._merged(exchange, send, path)
-            state.stop_watching()
-            return
         elif is_management(path):
             plan = self.router.for_management(None)
         else:

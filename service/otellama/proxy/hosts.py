@@ -182,8 +182,11 @@ class HostPool:
                 listing = await self.fetch(host, "/api/tags")
                 host.models = frozenset(_names(listing))
                 host.tags_due = False
-        except (httpx.TransportError, ValueError) as exc:
+        except (httpx.TransportError, ValueError, TimeoutError) as exc:
             host.failed(f"{type(exc).__name__}: {exc}")
+            return
+        except Exception:  # a bug of ours must not stop the poller: the host keeps its last known state
+            log.exception("polling %s failed inside otellama", host.name)
             return
         host.answered()
         host.loaded = _loaded(ps)
