@@ -217,6 +217,8 @@ class Proxy:
                 await _close(response, state)
             if state.host is not None:
                 state.host.ended(state.model, exchange.status)
+                if exchange.status == 200 and exchange.path in MODEL_PATHS:
+                    state.host.served = True
             exchange.t_end = time.perf_counter()
             # Recorded whatever happened: a request that began is never missing from the log.
             if recording is not None:

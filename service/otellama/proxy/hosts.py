@@ -4,8 +4,9 @@ Every host is asked ``/api/ps`` every ``OTELLAMA_POLL_INTERVAL`` seconds and ``/
 :data:`~otellama.settings.TAGS_EVERY` polls (and soon after it answers "model not found"). The router
 (:mod:`otellama.proxy.router`) reads the result; so do the per-host gauges, as
 :class:`~otellama.exchange.HostState` snapshots. A single upstream is never polled on a timer (it needs no
-routing, and otellama in front of one Ollama sends it nothing but its health probe, as before): its snapshot
-is refreshed when the gauges read it, at most once per poll interval.
+routing, and otellama in front of one Ollama sends it nothing of its own but the health probe, as before):
+once it has answered a model request through otellama, its snapshot is refreshed when the gauges read it,
+at most once per poll interval.
 
 What a host says is untrusted: every answer is read up to :data:`ANSWER_LIMIT` bytes, at most
 :data:`MODEL_LIMIT` models are kept per host, and a model name longer than :data:`NAME_LIMIT` is ignored.
@@ -68,6 +69,9 @@ class Host:
         self.learned: set[str] = set()
         self._running: Counter[str] = Counter()
         self.tags_due = True
+        #: It answered a model request (generate, chat, embed, show) through otellama: there is something
+        #: loaded worth asking about. Until then a single upstream is never asked /api/ps.
+        self.served = False
         # Where requests go: the host's address as parts, and the Host header Ollama accepts.
         self.origin = httpx.URL(scheme=upstream.scheme, host=upstream.host, port=upstream.port)
         self.prefix = upstream.path.encode("latin-1")
@@ -213,13 +217,14 @@ class HostPool:
     def states(self) -> list[HostState]:
         """Every host's snapshot, for the gauges. Safe to call from any thread.
 
-        A single host is polled here, when its snapshot is older than the poll interval: the answer shows at
-        the next read (one scrape late), and no timer polls an Ollama nobody is watching.
+        A single host is polled here, when its snapshot is older than the poll interval and it has answered a
+        model request: the answer shows at the next read (one scrape late), and no timer polls an Ollama
+        nobody is watching.
         """
         if not self.routing and self._loop is not None and not self._loop.is_closed():
             host = self.hosts[0]
             stale = host.polled_at is None or time.monotonic() - host.polled_at >= self.poll_interval
-            if stale:
+            if stale and host.served:
                 with contextlib.suppress(RuntimeError):  # the loop is closing
                     self._loop.call_soon_threadsafe(self._refresh)
         return [host.state() for host in self.hosts]
