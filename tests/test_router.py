@@ -199,11 +199,15 @@ def test_a_host_killed_mid_run_fails_no_request_that_had_not_started(
             statuses = [r.result() for r in running]
     finally:
         doomed.stop()
-    assert statuses == [200] * 40  # not one request failed
     lines = f.settled(42)[2:]
     assert {line["upstream"] for line in lines[:8]} == {"a", "b"}  # both served before the kill
     after = [line for line in lines if line["trace"]["start_ns"] > killed_at]
-    assert after and {line["upstream"] for line in after} == {"a"}
+    assert after and {(line["upstream"], line["status"]) for line in after} == {("a", 200)}
+    # Only a request already sent to b as it went down may fail (b's server closing a kept-alive connection
+    # the request was on): nothing is sent twice. Every other request succeeded.
+    failed = [line for line in lines if line["status"] != 200]
+    assert all(line["upstream"] == "b" and line["trace"]["start_ns"] < killed_at for line in failed), failed
+    assert statuses.count(200) == 40 - len(failed) and len(failed) <= 4
     failed_over = [line for line in lines if line["route"] == "failover"]
     # The poll is a minute away: otellama learned b was down from a refused connection, and moved on.
     assert failed_over and [r["upstream"] for r in failed_over[0]["retries"]] == ["b"]
@@ -339,7 +343,9 @@ def test_spans_and_metrics_name_the_host_and_the_retries(fleet: Callable[..., Fl
     assert {p["otellama.upstream"] for p in points["ollama.requests"]} == {"a"}
     up = {p["otellama.upstream"]: p["value"] for p in points["otellama.upstream.up"]}
     assert up == {"down": 0, "a": 1}
-    loaded = {(p["otellama.upstream"], p["ollama.model"]): p["value"] for p in points["ollama.model.loaded"]}
+    loaded = {
+        (p["otellama.upstream"], p["gen_ai.request.model"]): p["value"] for p in points["ollama.model.loaded"]
+    }
     # The poll is a minute away: what a has loaded is as the start-up poll saw it (nothing, all listed)
     assert loaded[("a", MODEL)] == 0 and loaded[("a", "gemma3:1b")] == 0
     in_flight = {p["otellama.upstream"]: p["value"] for p in points["otellama.upstream.requests.in_flight"]}
@@ -375,6 +381,7 @@ def test_one_upstream_gets_the_host_gauges_without_being_polled_on_a_timer(
         assert time.monotonic() < deadline, "the single upstream's gauges never appeared"
         time.sleep(0.05)
     [vram] = names["ollama.model.vram"].data.data_points
-    assert vram.attributes is not None and vram.attributes["ollama.model"] == MODEL and vram.value > 0
+    assert vram.attributes is not None and vram.value > 0
+    assert dict(vram.attributes) == {"gen_ai.request.model": MODEL}  # no host attribute: there is one host
     lines = [orjson.loads(line) for line in (tmp_path / "log.jsonl").read_bytes().splitlines()]
     assert (lines[0]["upstream"], lines[0]["route"]) == (None, None)  # one upstream: nothing was routed

@@ -117,7 +117,7 @@ class HostState:
     """What otellama knows about one Ollama host: the per-host gauges read it (through app.py), so that the
     sinks never import the router."""
 
-    name: str
+    name: str  # its configured name; empty with one upstream (then no metric names a host)
     address: str
     port: int
     up: bool | None  # None: not known yet

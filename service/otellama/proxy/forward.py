@@ -316,6 +316,13 @@ class Proxy:
                 host, exchange.method, target, [*headers, (b"host", host.host_header)], content
             )
             state.host, state.upstream = host, host.upstream
+            # Named before the answer: a request that fails on this host is recorded as this host's.
+            exchange.upstream = host.name
+            exchange.upstream_address = (host.upstream.host, host.upstream.port)
+            if not exchange.retries:
+                exchange.route = plan.reason
+            else:
+                exchange.route = "spill" if exchange.retries[-1].reason == "busy" else "failover"
             host.started(plan.model)
             try:
                 response = await self.transport.handle_async_request(request)
@@ -337,13 +344,8 @@ class Proxy:
                 exchange.retries.append(Retry(host.name, "busy", time.perf_counter()))
                 tried.append((host.name, "busy"))
                 continue
-            exchange.upstream = host.name
-            exchange.upstream_address = (host.upstream.host, host.upstream.port)
-            if not exchange.retries:
-                exchange.route = plan.reason
-            else:
-                exchange.route = "spill" if exchange.retries[-1].reason == "busy" else "failover"
             return response
+        exchange.upstream = exchange.upstream_address = exchange.route = None
         raise HostsDown(tried)
 
     async def _merged(self, exchange: Exchange, send: Send, path: str) -> None:

@@ -123,11 +123,11 @@ class Host:
         self.up, self.down_reason = False, reason
         self.tags_due = True
 
-    def state(self) -> HostState:
+    def state(self, named: bool = True) -> HostState:
         now = time.monotonic()
         age = 0.0 if self.polled_at is None else now - self.polled_at
         return HostState(
-            name=self.name,
+            name=self.name if named else "",
             address=self.upstream.host,
             port=self.upstream.port,
             up=self.up,
@@ -227,7 +227,7 @@ class HostPool:
             if stale and host.served:
                 with contextlib.suppress(RuntimeError):  # the loop is closing
                     self._loop.call_soon_threadsafe(self._refresh)
-        return [host.state() for host in self.hosts]
+        return [host.state(named=self.routing) for host in self.hosts]
 
     def _refresh(self) -> None:
         if self._refreshing is None or self._refreshing.done():

@@ -1,6 +1,9 @@
 """The per-host gauges: is each Ollama host up, how many requests otellama has open to it, and what it
 has loaded (per model: loaded or not, bytes in memory and in VRAM, seconds until unloaded).
 
+Their attributes are the per-request metrics' own: ``otellama.upstream`` (only with several upstreams) and the
+model as ``gen_ai.request.model`` (the name requests use for it), so that a dashboard filters both alike.
+
 They are observable gauges, read from :class:`~otellama.exchange.HostState` snapshots when metrics are
 collected (a Prometheus scrape, an OTLP export). The snapshots come from a callable that ``app.py`` hands
 over (the router's host pool), so that the sinks never import the proxy.
@@ -40,12 +43,9 @@ class HostGauges:
         gauge(semconv.MODEL_UNLOAD_IN, lambda hosts: self._per_model(hosts, lambda m: round(m.expires_in, 3)))
 
     @staticmethod
-    def _host(state: HostState) -> dict[str, str | int]:
-        return {
-            semconv.UPSTREAM: state.name,
-            semconv.SERVER_ADDRESS: state.address,
-            semconv.SERVER_PORT: state.port,
-        }
+    def _host(state: HostState) -> dict[str, str]:
+        # One upstream: no host attribute, as on the per-request metrics (the job names the host).
+        return {semconv.UPSTREAM: state.name} if state.name else {}
 
     def _up(self, hosts: Sequence[HostState]) -> Iterable[Observation]:
         for state in hosts:
@@ -62,11 +62,11 @@ class HostGauges:
                 continue  # nothing known yet: no series rather than a false 0
             loaded = {model.name for model in state.loaded}
             for name in sorted(loaded | set(state.installed)):
-                yield Observation(int(name in loaded), {**self._host(state), semconv.MODEL: name})
+                yield Observation(int(name in loaded), {**self._host(state), semconv.REQUEST_MODEL: name})
 
     def _per_model(
         self, hosts: Sequence[HostState], value: Callable[[LoadedModel], float | int]
     ) -> Iterable[Observation]:
         for state in hosts:
             for model in state.loaded:
-                yield Observation(value(model), {**self._host(state), semconv.MODEL: model.name})
+                yield Observation(value(model), {**self._host(state), semconv.REQUEST_MODEL: model.name})

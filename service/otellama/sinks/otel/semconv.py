@@ -69,7 +69,6 @@ UPSTREAM: Final = "otellama.upstream"  # the configured name of the host that an
 ROUTE: Final = "otellama.route"  # why the router chose it: warm, least_busy, only, failover, spill, all
 RETRY_EVENT: Final = "otellama.retry"  # a span event per host tried before the one that answered
 RETRY_REASON: Final = "otellama.retry.reason"  # connect_error, connect_timeout, busy
-MODEL: Final = "ollama.model"  # a model a host has (the per-host gauges; no request asked for it)
 
 # --- span names -------------------------------------------------------------------------------------------
 SPAN_LOAD: Final = "ollama.load"
