@@ -385,3 +385,14 @@ def test_one_upstream_gets_the_host_gauges_without_being_polled_on_a_timer(
     assert dict(vram.attributes) == {"gen_ai.request.model": MODEL}  # no host attribute: there is one host
     lines = [orjson.loads(line) for line in (tmp_path / "log.jsonl").read_bytes().splitlines()]
     assert (lines[0]["upstream"], lines[0]["route"]) == (None, None)  # one upstream: nothing was routed
+
+
+def test_a_model_no_host_has_goes_to_a_host_that_is_up_not_to_one_never_reached(
+    fleet: Callable[..., Fleet],
+) -> None:
+    f = fleet({"down": f"http://127.0.0.1:{_closed_port()}", "a": EmulatorSettings(**FAST)})
+    f.until(lambda hosts: hosts["down"]["up"] is False and hosts["a"]["up"] is True, "down down, a up")
+    missing = f.generate("nobody-has-it")
+    assert missing.status_code == 404 and "not found" in missing.json()["error"]  # Ollama's own answer
+    [line] = f.settled(1)
+    assert (line["upstream"], line["route"]) == ("a", "least_busy")

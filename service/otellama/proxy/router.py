@@ -95,8 +95,8 @@ class Router:
             return Plan(self._least_busy(up or hosts), "least_busy", None)
         having = [host for host in up if host.has(key)]
         if not having:
-            # Down hosts that have it may be back; hosts without it would only say "not found".
-            having = [host for host in hosts if host.has(key)]
+            # Down hosts known to have it may be back; hosts without it would only say "not found".
+            having = [host for host in hosts if host.models is not None and key in host.models]
             if not having:
                 return Plan(self._least_busy(up or hosts), "least_busy", key)
         if len(having) == 1:
