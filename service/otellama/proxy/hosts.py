@@ -152,6 +152,7 @@ class HostPool:
         self._polls = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._refreshing: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def routing(self) -> bool:
@@ -221,7 +222,7 @@ class HostPool:
         model request: the answer shows at the next read (one scrape late), and no timer polls an Ollama
         nobody is watching.
         """
-        if not self.routing and self._loop is not None and not self._loop.is_closed():
+        if not self.routing and not self._closed and self._loop is not None and not self._loop.is_closed():
             host = self.hosts[0]
             stale = host.polled_at is None or time.monotonic() - host.polled_at >= self.poll_interval
             if stale and host.served:
@@ -230,10 +231,13 @@ class HostPool:
         return [host.state(named=self.routing) for host in self.hosts]
 
     def _refresh(self) -> None:
+        if self._closed:
+            return  # the final metric export at shutdown reads the gauges after the client is closed
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.get_running_loop().create_task(self.poll())
 
     async def close(self) -> None:
+        self._closed = True
         if self._refreshing is not None:
             self._refreshing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
