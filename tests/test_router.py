@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from otellama.app import create_app
+from otellama.cli import main
 from otellama.emulator import EmulatorSettings, create_emulator
 from otellama.server import BackgroundServer
 from otellama.settings import Settings, SettingsError, Upstream
@@ -126,6 +127,12 @@ def test_upstreams_are_named_repeatable_and_comma_separated() -> None:
         Settings.from_env({"OTELLAMA_UPSTREAM": "a=h1,a=h2"})
     with pytest.raises(SettingsError, match="a name is"):
         Upstream.parse("bad name=h1")
+
+
+def test_the_upstream_flag_repeats(capsys: pytest.CaptureFixture[str]) -> None:
+    # Two hosts with one name: the command reads both flags (else there would be nothing to refuse).
+    assert main(["serve", "--upstream", "gpu=h1:1", "--upstream", "gpu=h2:2"]) == 2
+    assert "must differ" in capsys.readouterr().err
 
 
 # -- routing -------------------------------------------------------------------------------------------------
