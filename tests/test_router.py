@@ -11,7 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from starlette.types import Send
 
 from otellama.app import create_app
 from otellama.cli import main
 from otellama.emulator import EmulatorSettings, create_emulator
 from otellama.server import BackgroundServer
 from otellama.settings import Settings, SettingsError, Upstream
+from tests.conftest import ScriptedUpstream, Seen
 
 MODEL = "llama3.2:3b"
 FAST = {"token_rate": 0.0, "load_seconds": 0.05}
@@ -403,3 +405,32 @@ def test_a_model_no_host_has_goes_to_a_host_that_is_up_not_to_one_never_reached(
     assert missing.status_code == 404 and "not found" in missing.json()["error"]  # Ollama's own answer
     [line] = f.settled(1)
     assert (line["upstream"], line["route"]) == ("a", "least_busy")
+
+
+def test_busy_spills_only_a_body_still_in_memory(serve: Callable[..., str], tmp_path: Path) -> None:
+    async def busy(seen: Seen, send: Send) -> None:
+        listing = seen.path in ("/api/ps", "/api/tags")  # otellama's polls: up, with no models
+        body = b'{"models":[]}' if listing else b'{"error":"server busy, please try again.  maximum pending"}'
+        await send({"type": "http.response.start", "status": 200 if listing else 503, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    hosts = {name: ScriptedUpstream(busy) for name in ("a", "b")}
+    upstreams = tuple(Upstream.parse(f"{name}={serve(host)}") for name, host in hosts.items())
+    url = serve(create_app(Settings(upstreams=upstreams, log_file=tmp_path / "log.jsonl", poll_interval=0.1)))
+
+    def generations() -> list[int]:
+        return [sum(seen.path == "/api/generate" for seen in host.forwarded) for host in hosts.values()]
+
+    small = httpx.post(f"{url}/api/generate", json={"model": MODEL, "prompt": "hi"}, timeout=10)
+    assert small.status_code == 503  # the last host's own answer, relayed
+    assert generations() == [1, 1]  # in memory: it went to the other host too
+    # Over the 1 MiB kept in memory, the body streams to the first host and can go nowhere else.
+    big = b'{"model": "llama3.2:3b", "prompt": "' + b"x" * (2 << 20) + b'"}'
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(big), 65536):
+            yield big[start : start + 65536]
+
+    streamed = httpx.post(f"{url}/api/generate", content=chunks(), timeout=10)
+    assert streamed.status_code == 503
+    assert sum(generations()) == 3  # one more: sent once, not spilled
