@@ -254,6 +254,17 @@ def test_cold_load_then_warm_then_unloaded_by_keep_alive_zero() -> None:
         assert client.post("/api/generate", json=ask).json()["load_duration"] >= 0.2e9
 
 
+def test_max_loaded_unloads_the_least_recently_used_idle_model() -> None:
+    settings = EmulatorSettings(load_seconds=0.1, token_rate=0, max_loaded=2)
+    with serve(settings) as url, httpx.Client(base_url=url, timeout=10) as client:
+        for model in ("gemma3:1b", "llama3.2:3b", "gemma3:1b", "qwen3:14b"):
+            client.post("/api/generate", json={"model": model, "prompt": "hi", "stream": False})
+        # llama3.2 was used least recently: it made room for qwen3; a model used again is not reloaded.
+        assert {m["name"] for m in client.get("/api/ps").json()["models"]} == {"gemma3:1b", "qwen3:14b"}
+        again = client.post("/api/generate", json={"model": "llama3.2:3b", "prompt": "hi", "stream": False})
+        assert again.json()["load_duration"] >= 0.1e9
+
+
 def test_keep_alive_expires_and_unload_request() -> None:
     with serve(EmulatorSettings(load_seconds=0.1, token_rate=0)) as url, httpx.Client(base_url=url) as client:
         loaded = client.post("/api/generate", json={"model": "gemma3:1b", "keep_alive": "150ms"})

@@ -23,6 +23,7 @@ from otellama import __version__
 from otellama.exchange import Recorder
 from otellama.proxy.auth import ADMIN_PREFIX, Gate
 from otellama.proxy.forward import Proxy
+from otellama.proxy.hosts import HostPool
 from otellama.proxy.transport import HttpTransport
 from otellama.settings import Settings
 from otellama.sinks.fanout import Sink, Telemetry
@@ -104,7 +105,13 @@ class App:
         timeout = httpx.Timeout(
             connect=settings.connect_timeout, read=settings.read_timeout, write=None, pool=None
         )
-        self.proxy = Proxy(settings.upstream, self.transport, timeout=timeout, recorder=recorder)
+        #: The Ollama hosts, and what each has loaded; polled when there are several.
+        self.hosts = HostPool(settings.hosts, settings.poll_interval)
+        self.proxy = Proxy(
+            settings.upstream, self.transport, timeout=timeout, recorder=recorder, pool=self.hosts
+        )
+        if self.otel is not None:
+            self.otel.watch_hosts(self.hosts.states)
         # Probes get a client of their own so they stay out of the traces.
         self.probe = UpstreamProbe(settings.upstream.url, settings.probe_interval)
         self.admin = Starlette(
@@ -141,8 +148,22 @@ class App:
                 "upstream_checked_at": self.probe.checked_at,
                 "upstream_error": self.probe.error,
                 "upstream_version": self.probe.upstream_version,
+                **({"upstreams": self._upstreams()} if self.hosts.routing else {}),
             }
         )
+
+    def _upstreams(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": state.name,
+                "url": host.upstream.url,
+                "up": state.up,
+                "down_reason": host.down_reason,
+                "in_flight": state.in_flight,
+                "loaded": [model.name for model in state.loaded],
+            }
+            for host, state in zip(self.hosts.hosts, self.hosts.states(), strict=True)
+        ]
 
     async def metrics(self, request: Request) -> Response:
         """``GET /otellama/metrics``: every instrument in Prometheus text format."""
@@ -164,7 +185,11 @@ class App:
         return JSONResponse(await asyncio.to_thread(self.rolling.summary, window))
 
     async def startup(self) -> None:
-        self._background.append(asyncio.get_running_loop().create_task(self.probe.run()))
+        loop = asyncio.get_running_loop()
+        self._background.append(loop.create_task(self.probe.run()))
+        self.hosts.bind(loop)
+        if self.hosts.routing:
+            self._background.append(loop.create_task(self.hosts.run()))
 
     async def shutdown(self) -> None:
         for task in self._background:
@@ -174,6 +199,7 @@ class App:
                 await task
         await self.transport.aclose()
         await self.probe.close()
+        await self.hosts.close()
         if self.telemetry is not None:
             # Flushing exporters blocks on the network; keep the loop free while it does.
             await asyncio.to_thread(self.telemetry.close)

@@ -16,12 +16,14 @@ EXAMPLES_SERVE = """\
 examples:
   otellama serve                                   # 127.0.0.1:11435 -> Ollama at 127.0.0.1:11434
   otellama serve --host 0.0.0.0 --port 11434 --upstream ollama:11434
+  otellama serve --upstream gpu1=10.0.0.1:11434 --upstream gpu2=10.0.0.2:11434   # two hosts, one address
   OLLAMA_HOST=127.0.0.1:11435 ollama run llama3.2  # point any Ollama client at otellama
 
 settings (flags win over the environment):
   OTELLAMA_HOST, OTELLAMA_PORT, OTELLAMA_UPSTREAM   as the flags
   OTELLAMA_CONNECT_TIMEOUT   seconds to connect to Ollama before answering 502 (default 10)
   OTELLAMA_READ_TIMEOUT      seconds of upstream silence before answering 504 (default: none)
+  OTELLAMA_POLL_INTERVAL     with several hosts, seconds between asking each what it has loaded (default 5)
 """
 
 EXAMPLES_EMULATE = """\
@@ -80,8 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (OTELLAMA_PORT, default 11435)")
     serve.add_argument(
         "--upstream",
-        help="Ollama's address in any OLLAMA_HOST form: host, host:port or http://host:port "
-        "(OTELLAMA_UPSTREAM, default http://127.0.0.1:11434)",
+        action="append",
+        help="Ollama's address in any OLLAMA_HOST form: host, host:port or http://host:port, optionally "
+        "named (gpu1=http://gpu1:11434); repeat it for several hosts behind one address "
+        "(OTELLAMA_UPSTREAM, comma-separated; default http://127.0.0.1:11434)",
     )
 
     emulate = commands.add_parser(
@@ -162,7 +166,9 @@ def _serve(args: argparse.Namespace) -> int:
         __version__,
         settings.host,
         settings.port,
-        settings.upstream.url,
+        ", ".join(
+            f"{host.name}={host.url}" if len(settings.hosts) > 1 else host.url for host in settings.hosts
+        ),
     )
     _warn_if_unreachable(settings)
     import uvicorn
@@ -184,16 +190,16 @@ def _warn_if_unreachable(settings: Settings) -> None:
     """Say at start-up, naming the address and the setting, when nothing listens where Ollama should."""
     import socket
 
-    upstream = settings.upstream
-    try:
-        socket.create_connection((upstream.host, upstream.port), timeout=1.0).close()
-    except OSError as exc:
-        logging.getLogger("otellama").warning(
-            "Ollama does not answer at %s (%s). otellama starts anyway and answers 502 until it does; if "
-            "Ollama is elsewhere, set OTELLAMA_UPSTREAM or --upstream (e.g. --upstream 127.0.0.1:11434)",
-            upstream.url,
-            exc.strerror or exc,
-        )
+    for upstream in settings.hosts:
+        try:
+            socket.create_connection((upstream.host, upstream.port), timeout=1.0).close()
+        except OSError as exc:
+            logging.getLogger("otellama").warning(
+                "Ollama does not answer at %s (%s). otellama starts anyway and answers 502 until it does; if "
+                "Ollama is elsewhere, set OTELLAMA_UPSTREAM or --upstream (e.g. --upstream 127.0.0.1:11434)",
+                upstream.url,
+                exc.strerror or exc,
+            )
 
 
 def _emulate(args: argparse.Namespace) -> int:

@@ -24,6 +24,23 @@ OUTCOMES: Final[tuple[Outcome, ...]] = (OK, ERROR, CANCELLED)
 OUTCOME_CODES: Final[dict[str, int]] = {name: code for code, name in enumerate(OUTCOMES)}
 
 
+#: Why the router sent an exchange to its host (only with several upstreams): the model is loaded there;
+#: the fewest requests in flight among the hosts that have it (or, when none has it, among all); the only
+#: host that has it, or the one the request named; after the hosts before it refused the connection; after
+#: the hosts before it answered "server busy" (503); or the answer was merged from every host.
+Route = Literal["warm", "least_busy", "only", "failover", "spill", "all"]
+ROUTES: Final[tuple[Route, ...]] = ("warm", "least_busy", "only", "failover", "spill", "all")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Retry:
+    """One host an exchange tried and left before the host that answered it."""
+
+    upstream: str  # the host's name
+    reason: str  # connect_error, connect_timeout, busy
+    at: float  # time.perf_counter() when it gave up on that host
+
+
 @dataclasses.dataclass(slots=True)
 class Exchange:
     """What the proxy saw of one request and its response: raw facts, no interpretation.
@@ -49,6 +66,11 @@ class Exchange:
     outcome: Outcome = OK
     error: str | None = None  # what went wrong, in words
     error_type: str | None = None  # a short, low-cardinality class name for it
+    # Set by the router, only when there are several upstreams: which host answered, and why.
+    upstream: str | None = None  # the host's configured name
+    upstream_address: tuple[str, int] | None = None  # its host and port
+    route: Route | None = None
+    retries: list[Retry] = dataclasses.field(default_factory=list)
 
     def response_header(self, name: bytes) -> bytes | None:
         """The first response header called ``name`` (lower case), if any."""
@@ -78,3 +100,28 @@ class Recorder(Protocol):
 
     def begin(self, exchange: Exchange) -> Recording:
         """The request arrived; nothing has been sent upstream yet."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """One model a host has in memory, as its ``/api/ps`` said at the last poll."""
+
+    name: str  # as Ollama matches it (lower case, with its tag)
+    size: int  # bytes in memory in all
+    size_vram: int  # of which in GPU memory
+    expires_in: float  # seconds until Ollama unloads it, from the poll's time
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HostState:
+    """What otellama knows about one Ollama host: the per-host gauges read it (through app.py), so that the
+    sinks never import the router."""
+
+    name: str  # its configured name; empty with one upstream (then no metric names a host)
+    address: str
+    port: int
+    up: bool | None  # None: not known yet
+    in_flight: int  # requests otellama has open to it now
+    loaded: tuple[LoadedModel, ...]
+    installed: tuple[str, ...]  # the models it has (/api/tags), when known
+    polled_at: float | None  # time.monotonic() of the /api/ps answer ``loaded`` comes from; None: never

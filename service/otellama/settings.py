@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 DEFAULT_UPSTREAM = "http://127.0.0.1:11434"
+# An upstream's name goes into metric attributes and a request header: short and plain.
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class UserError(Exception):
@@ -36,14 +39,25 @@ class Upstream:
     host: str
     port: int
     path: str = ""
+    #: What records, metrics and ``X-Otellama-Upstream`` call this host; empty means :attr:`netloc`.
+    given_name: str = ""
 
     @classmethod
     def parse(cls, value: str) -> Upstream:
-        """Parse ``host``, ``host:port`` or ``scheme://host[:port][/path]`` the way Ollama's clients do.
+        """Parse ``host``, ``host:port`` or ``scheme://host[:port][/path]`` the way Ollama's clients do,
+        optionally named: ``gpu1=http://gpu1.internal:11434``.
 
         Without a scheme the port defaults to 11434; ``http://`` and ``https://`` default to 80 and 443,
         as in Ollama's own ``envconfig.Host``.
         """
+        name, sep, rest = value.strip().partition("=")
+        # No address form has "=" before its host, so a name is whatever comes before the first one.
+        if sep and _NAME.fullmatch(name.strip()):
+            return dataclasses.replace(cls.parse(rest), given_name=name.strip())
+        if sep:
+            raise SettingsError(
+                f"upstream {value!r}: a name is letters, digits, '.', '_' or '-' (at most 64), then '='"
+            )
         text = value.strip()
         if not text:
             raise SettingsError("the upstream address is empty")
@@ -65,6 +79,11 @@ class Upstream:
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1" if host == "0.0.0.0" else "::1"
         return cls(scheme=scheme, host=host, port=port, path=parts.path.rstrip("/"))
+
+    @property
+    def name(self) -> str:
+        """The host's name: the one given, else ``host:port``."""
+        return self.given_name or self.netloc
 
     @property
     def netloc(self) -> str:
@@ -139,6 +158,13 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 11435
     upstream: Upstream = dataclasses.field(default_factory=lambda: Upstream.parse(DEFAULT_UPSTREAM))
+    #: Several Ollama hosts behind one address (``--upstream`` repeated, or a comma-separated
+    #: ``OTELLAMA_UPSTREAM``); empty means :attr:`upstream` alone. When given, :attr:`upstream` is the first.
+    upstreams: tuple[Upstream, ...] = ()
+    #: Seconds between asking each host what it has loaded (``/api/ps``); ``/api/tags`` every
+    #: :data:`TAGS_EVERY` polls. Only with several hosts: one host needs no routing (its gauges are
+    #: refreshed when they are read).
+    poll_interval: float = 5.0
     #: Seconds to wait for a TCP connection to Ollama before answering 502.
     connect_timeout: float | None = 10.0
     #: Longest silence from Ollama before answering 504. None: wait forever, as model loads and pulls
@@ -169,6 +195,20 @@ class Settings:
     #: None (``none``): wait for them all.
     shutdown_grace: float | None = 30.0
 
+    def __post_init__(self) -> None:
+        if self.upstreams:
+            object.__setattr__(self, "upstream", self.upstreams[0])
+            names = [upstream.name for upstream in self.upstreams]
+            if len(set(names)) != len(names):
+                raise SettingsError(f"upstream names must differ: {', '.join(names)}")
+        if self.poll_interval <= 0:
+            raise SettingsError("OTELLAMA_POLL_INTERVAL must be more than 0 seconds")
+
+    @property
+    def hosts(self) -> tuple[Upstream, ...]:
+        """Every Ollama host, in the order given (one, unless several were configured)."""
+        return self.upstreams or (self.upstream,)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read ``OTELLAMA_*`` variables, then apply ``overrides`` (from flags) that are not None."""
@@ -179,7 +219,12 @@ class Settings:
         if "OTELLAMA_PORT" in env:
             values["port"] = _port("OTELLAMA_PORT", env["OTELLAMA_PORT"])
         if "OTELLAMA_UPSTREAM" in env:
-            values["upstream"] = Upstream.parse(env["OTELLAMA_UPSTREAM"])
+            values.update(_upstreams(env["OTELLAMA_UPSTREAM"].split(",")))
+        if "OTELLAMA_POLL_INTERVAL" in env:
+            poll = _seconds("OTELLAMA_POLL_INTERVAL", env["OTELLAMA_POLL_INTERVAL"])
+            if poll is None:
+                raise SettingsError("OTELLAMA_POLL_INTERVAL must be more than 0 seconds")
+            values["poll_interval"] = poll
         if "OTELLAMA_CONNECT_TIMEOUT" in env:
             values["connect_timeout"] = _seconds("OTELLAMA_CONNECT_TIMEOUT", env["OTELLAMA_CONNECT_TIMEOUT"])
         if "OTELLAMA_READ_TIMEOUT" in env:
@@ -215,5 +260,26 @@ class Settings:
         for key, value in overrides.items():
             if value is None:
                 continue
-            values[key] = Upstream.parse(value) if key == "upstream" and isinstance(value, str) else value
+            if key == "upstream" and isinstance(value, str):
+                value = [value]
+            if key == "upstream" and isinstance(value, list):
+                values.pop("upstreams", None)
+                values.update(_upstreams(value))
+            else:
+                values[key] = value
         return cls(**values)
+
+
+#: ``/api/tags`` (which models each host has) is asked every this many ``/api/ps`` polls, and at once
+#: when a host answers "model not found".
+TAGS_EVERY = 6
+
+
+def _upstreams(values: list[str]) -> dict[str, Any]:
+    """``upstream`` (and ``upstreams`` when there are several) from one or more addresses."""
+    parsed = tuple(Upstream.parse(value) for value in values if value.strip())
+    if not parsed:
+        raise SettingsError("the upstream address is empty")
+    if len(parsed) == 1:
+        return {"upstream": parsed[0]}
+    return {"upstream": parsed[0], "upstreams": parsed}

@@ -41,6 +41,8 @@ _WARM_LOAD_SECONDS: Final = 0.003
 _CHUNKS_BEFORE_FAULT: Final = 3
 # A flood (token_rate=0) never sleeps; yielding now and then keeps one long stream from starving the others.
 _FLOOD_YIELD_EVERY: Final = 32
+# How often a load waiting for room (max_loaded) looks again.
+_ROOM_POLL_SECONDS: Final = 0.005
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,8 +209,25 @@ class Runtime:
         # Shielded: a loading model keeps loading when the client that asked for it goes away, as in Ollama.
         await asyncio.shield(model.loading)
 
+    async def _make_room(self, model: Model) -> None:
+        """With ``max_loaded`` set, unload the least recently used idle model until ``model`` fits."""
+        limit = self.settings.max_loaded
+        while limit:
+            others = [m for m in self.models.values() if m is not model and (m.loaded or m.loading)]
+            for other in others:
+                other.expire_if_due()
+            resident = [m for m in others if m.loaded or m.loading]
+            if len(resident) < limit:
+                return
+            idle = [m for m in resident if m.loaded and m.refs == 0]
+            if idle:
+                min(idle, key=lambda m: m.expires).loaded = False
+                continue
+            await asyncio.sleep(_ROOM_POLL_SECONDS)  # every runner is busy: wait for one to finish, as Ollama
+
     async def _cold_load(self, model: Model) -> None:
         try:
+            await self._make_room(model)
             await sleep_until(time.monotonic() + self.settings.load_seconds)
             model.loaded = True
             if model.refs == 0:

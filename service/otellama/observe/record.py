@@ -102,6 +102,12 @@ class Record:
     server_port: int
     ids: TraceIds
     output_messages: tuple[dict[str, Any], ...] | None = None
+    #: With several upstreams: the host that answered (its configured name) and why the router chose it
+    #: (:data:`~otellama.exchange.ROUTES`); None with one upstream.
+    upstream: str | None = None
+    route: str | None = None
+    #: Hosts tried before the one that answered: (name, reason, epoch ns when it was left).
+    retries: tuple[tuple[str, str, int], ...] = ()
 
     # --- derived once, here, for every sink -------------------------------------------------------------
     @property
@@ -232,6 +238,8 @@ class Record:
                 "stop": list(r.stop) if r.stop is not None else None,
             },
             "server": {"address": self.server_address, "port": self.server_port},
+            "upstream": self.upstream,
+            "route": self.route,
             "trace": {
                 "start_ns": self.start_ns,
                 "end_ns": self.end_ns,
@@ -248,6 +256,10 @@ class Record:
             line["input_messages"] = list(r.input_messages)
         if self.output_messages is not None:
             line["output_messages"] = list(self.output_messages)
+        if self.retries:
+            line["retries"] = [
+                {"upstream": name, "reason": reason, "at_ns": at} for name, reason, at in self.retries
+            ]
         return line
 
     @classmethod
@@ -312,6 +324,12 @@ class Record:
                 phase_span_ids={k: v for k, v in phase_ids.items() if v is not None},
             ),
             output_messages=tuple(line["output_messages"]) if "output_messages" in line else None,
+            upstream=line.get("upstream"),
+            route=line.get("route"),
+            retries=tuple(
+                (str(retry["upstream"]), str(retry["reason"]), int(retry["at_ns"]))
+                for retry in line.get("retries") or ()
+            ),
         )
 
 
@@ -437,8 +455,14 @@ def build(
         finish_reasons=finish_reasons,
         response_model=response_model,
         request=request,
-        server_address=server_address,
-        server_port=server_port,
+        # With several upstreams the host that answered, else the one configured.
+        server_address=exchange.upstream_address[0] if exchange.upstream_address else server_address,
+        server_port=exchange.upstream_address[1] if exchange.upstream_address else server_port,
         ids=ids,
         output_messages=output_messages,
+        upstream=exchange.upstream,
+        route=exchange.route,
+        retries=tuple(
+            (retry.upstream, retry.reason, epoch(retry.at) or start_ns) for retry in exchange.retries
+        ),
     )

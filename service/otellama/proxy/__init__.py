@@ -2,7 +2,8 @@
 
 ``forward`` is the ASGI app that relays each exchange, ``transport`` the HTTP/1.1 client that carries it
 to Ollama, ``connection`` the guarded protocol on the client's socket, ``auth`` the optional API-key gate,
-``errors`` the error answers otellama gives in each API's own shape.
+``errors`` the error answers otellama gives in each API's own shape. With several Ollama hosts, ``hosts``
+keeps what each holds (polled) and ``router`` decides where each request goes and merges the listings.
 
 May import: :mod:`otellama.exchange`, :mod:`otellama.settings`, the standard library, starlette, uvicorn,
 httpx and httptools. Never OpenTelemetry, :mod:`otellama.sinks`, :mod:`otellama.tools`,

@@ -39,11 +39,22 @@ class ShuttingDown(Exception):
 SHUTDOWN = ShuttingDown()
 
 
+class HostsDown(httpx.ConnectError):
+    """With several upstreams: every host a request could go to refused it or could not be reached."""
+
+    def __init__(self, tried: list[tuple[str, str]]) -> None:
+        self.tried = tried
+        named = "; ".join(f"{name} ({reason})" for name, reason in tried)
+        super().__init__(f"otellama: no Ollama host could take the request; tried {named}")
+
+
 def classify_failure(exc: BaseException, upstream: Upstream) -> tuple[int, str, str]:
     """Map a failure to (status, message, error type): upstream transport failures (see the exception tree in
     :mod:`otellama.proxy.transport`), otellama shutting down, and otellama's own bugs (500, named by nothing
     but "internal")."""
     where = upstream.url
+    if isinstance(exc, HostsDown):
+        return 502, str(exc), "upstreams_down"
     if isinstance(exc, ShuttingDown):
         return (
             503,

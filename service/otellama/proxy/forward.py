@@ -12,16 +12,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
-from otellama.exchange import CANCELLED, ERROR, Exchange, Recorder, Recording
+from otellama.exchange import CANCELLED, ERROR, Exchange, Recorder, Recording, Retry
 from otellama.proxy.connection import REFUSED_WITH
-from otellama.proxy.errors import SHUTDOWN, classify_failure, error_body, json_headers
+from otellama.proxy.errors import SHUTDOWN, HostsDown, classify_failure, error_body, json_headers
+from otellama.proxy.hosts import Host, HostPool, model_key
+from otellama.proxy.router import (
+    MERGED,
+    MODEL_PATHS,
+    UPSTREAM_HEADER,
+    Plan,
+    Router,
+    is_management,
+    merge,
+    model_of,
+)
 from otellama.settings import Upstream
 
 log = logging.getLogger(__name__)
@@ -82,18 +93,19 @@ class Proxy:
         *,
         timeout: httpx.Timeout,
         recorder: Recorder | None = None,
+        pool: HostPool | None = None,
     ) -> None:
         self.upstream = upstream
+        #: The hosts behind otellama: just ``upstream`` unless several were configured (then it is the first).
+        self.pool = pool or HostPool((upstream,), poll_interval=5.0)
+        self.router = Router(self.pool) if self.pool.routing else None
         # httpx's transport interface, without AsyncClient.send on top: a proxy needs none of its cookie,
         # auth and redirect handling, which cost ~50 µs a request (bench/proxy_bench.py).
         self.transport = transport
         self.recorder = recorder
         self._timeout = {"connect": timeout.connect, "read": timeout.read, "write": None, "pool": None}
-        # The upstream's address as parts: a request target only ever supplies the path (see _url).
-        self._origin = httpx.URL(scheme=upstream.scheme, host=upstream.host, port=upstream.port)
-        self._prefix = upstream.path.encode("latin-1")
-        self._host = upstream.host_header
-        self._urls: dict[bytes, httpx.URL] = {}
+        # The upstream's address as parts: a request target only ever supplies the path (see Host.url).
+        self._only = self.pool.hosts[0]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -133,7 +145,10 @@ class Proxy:
                 await self._refuse(exchange, send, 501, message)
                 return
             headers = _drop_named(scope["headers"], headers)
-        headers.append((b"host", self._host))
+        if self.router is not None:
+            await self._routed(scope, receive, send, exchange, raw_path, headers, state, task)
+            return
+        headers.append((b"host", self._only.host_header))
 
         first = await receive()
         if first["type"] == "http.disconnect":
@@ -150,10 +165,35 @@ class Proxy:
 
         recording = _guarded(self.recorder.begin, exchange) if self.recorder is not None else None
         target = raw_path + (b"?" + exchange.query if exchange.query else b"")
+        state.host = self._only
+        self._only.started(None)
+        opening = self._open(exchange.method, target, headers, content)
+        await self._exchange(scope, send, exchange, state, task, recording, opening)
+
+    async def _open(
+        self,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        content: bytes | AsyncIterator[bytes],
+    ) -> httpx.Response:
+        request = self._request(self._only, method, target, headers, content)
+        return await self.transport.handle_async_request(request)
+
+    async def _exchange(
+        self,
+        scope: Scope,
+        send: Send,
+        exchange: Exchange,
+        state: _State,
+        task: asyncio.Task[Any],
+        recording: Recording | None,
+        opening: Awaitable[httpx.Response],
+    ) -> None:
+        """Open the upstream response, relay it, and end the exchange however it ends (recorded, always)."""
         response: httpx.Response | None = None
         try:
-            request = self._request(exchange.method, target, headers, content)
-            response = await self.transport.handle_async_request(request)
+            response = await opening
             exchange.t_headers = time.perf_counter()
             await self._relay(response, exchange, send, state, recording)
         except asyncio.CancelledError:
@@ -167,7 +207,7 @@ class Proxy:
             if state.client_gone or isinstance(exc, _ClientGone):
                 _client_left(exchange, scope)
             else:
-                await self._fail(exc, exchange, send, state)
+                await self._fail(exc, exchange, send, state, state.upstream)
         except Exception as exc:  # a bug of ours: the traceback goes to our log, never to the client
             log.exception("%s %s failed inside otellama", exchange.method, exchange.path)
             await self._fail(exc, exchange, send, state)
@@ -175,21 +215,177 @@ class Proxy:
             state.stop_watching()
             if response is not None:
                 await _close(response, state)
+            if state.host is not None:
+                state.host.ended(state.model, exchange.status)
+                if exchange.status == 200 and exchange.path in MODEL_PATHS:
+                    state.host.served = True
             exchange.t_end = time.perf_counter()
             # Recorded whatever happened: a request that began is never missing from the log.
             if recording is not None:
                 _guarded(recording.finish, exchange)
 
+    async def _routed(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        exchange: Exchange,
+        raw_path: bytes,
+        headers: list[tuple[bytes, bytes]],
+        state: _State,
+        task: asyncio.Task[Any],
+    ) -> None:
+        """One request with several hosts: answered from all of them, or sent to the host its plan puts
+        first, failing over down the plan (:mod:`otellama.proxy.router`)."""
+        assert self.router is not None
+        named: bytes | None = None
+        if any(header[0] == UPSTREAM_HEADER for header in headers):
+            named = next(value for name, value in headers if name == UPSTREAM_HEADER)
+            headers = [header for header in headers if header[0] != UPSTREAM_HEADER]
+        path = exchange.path
+        first = await receive()
+        if first["type"] == "http.disconnect":
+            return  # gone before it sent a body: nothing reached Ollama, nothing to record
+        body: bytes = first.get("body", b"")
+        if named is None and (exchange.method, path) in MERGED and not first.get("more_body", False):
+            await self._merged(exchange, send, path)
+            return
+        content: bytes | AsyncIterator[bytes]
+        if first.get("more_body", False) and path in MODEL_PATHS:
+            # The model is in the body: read it (up to the capture limit, as nginx buffers bodies) to route.
+            parts = [body]
+            size = len(body)
+            more = True
+            while more and size <= BODY_CAPTURE_LIMIT:
+                received = await receive()
+                if received["type"] == "http.disconnect":
+                    return
+                parts.append(received.get("body", b""))
+                size += len(parts[-1])
+                more = received.get("more_body", False)
+            body = b"".join(parts)
+            first = {"type": "http.request", "body": body, "more_body": more}
+        if first.get("more_body", False):
+            content = self._body_stream(body, receive, exchange, state, task)
+        else:
+            content = body
+            exchange.request_size = len(body)
+            exchange.request_body = body
+            state.watch(receive, task)
+
+        if named is not None:
+            host = self.pool.named(named.decode("latin-1"))
+            if host is None:
+                state.stop_watching()
+                names = ", ".join(host.name for host in self.pool.hosts)
+                refusal = f"otellama: no upstream is named {named.decode('latin-1')[:64]!r}; they are {names}"
+                await self._refuse(exchange, send, 400, refusal)
+                return
+            model = model_of(path, content if isinstance(content, bytes) else None)
+            plan = Plan([host], "only", model_key(model) if model else None)
+        elif is_management(path):
+            plan = self.router.for_management(None)
+        else:
+            plan = self.router.for_model(model_of(path, content if isinstance(content, bytes) else None))
+
+        recording = _guarded(self.recorder.begin, exchange) if self.recorder is not None else None
+        target = raw_path + (b"?" + exchange.query if exchange.query else b"")
+        state.model = plan.model
+        opening = self._open_routed(plan, exchange, target, headers, content, state)
+        await self._exchange(scope, send, exchange, state, task, recording, opening)
+
+    async def _open_routed(
+        self,
+        plan: Plan,
+        exchange: Exchange,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        content: bytes | AsyncIterator[bytes],
+        state: _State,
+    ) -> httpx.Response:
+        """The response of the first host in ``plan`` that takes the request.
+
+        A host that refuses the connection or does not accept it in time is marked down and the next one is
+        tried; so is one that answers 503 ("server busy": its queue is full) while the body is still in
+        memory, unless it is the last. Once a byte of a streamed body went to a host, nothing is re-sent.
+        """
+        tried: list[tuple[str, str]] = []
+        last = len(plan.hosts) - 1
+        for index, host in enumerate(plan.hosts):
+            request = self._request(
+                host, exchange.method, target, [*headers, (b"host", host.host_header)], content
+            )
+            state.host, state.upstream = host, host.upstream
+            # Named before the answer: a request that fails on this host is recorded as this host's.
+            exchange.upstream = host.name
+            exchange.upstream_address = (host.upstream.host, host.upstream.port)
+            if not exchange.retries:
+                exchange.route = plan.reason
+            else:
+                exchange.route = "spill" if exchange.retries[-1].reason == "busy" else "failover"
+            host.started(plan.model)
+            try:
+                response = await self.transport.handle_async_request(request)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                state.host = None
+                host.ended(plan.model, None)
+                if state.body_sent:
+                    raise
+                kind = "connect_timeout" if isinstance(exc, httpx.ConnectTimeout) else "connect_error"
+                host.failed(f"{kind}: {exc}")
+                exchange.retries.append(Retry(host.name, kind, time.perf_counter()))
+                tried.append((host.name, str(exc) or kind))
+                continue
+            host.answered()
+            if response.status_code == 503 and index < last and isinstance(content, bytes):
+                await response.aclose()
+                state.host = None
+                host.ended(plan.model, None)
+                exchange.retries.append(Retry(host.name, "busy", time.perf_counter()))
+                tried.append((host.name, "busy"))
+                continue
+            return response
+        exchange.upstream = exchange.upstream_address = exchange.route = None
+        raise HostsDown(tried)
+
+    async def _merged(self, exchange: Exchange, send: Send, path: str) -> None:
+        """``GET path`` answered from every host that answers (:func:`~otellama.proxy.router.merge`)."""
+        hosts = [host for host in self.pool.hosts if host.up is not False] or self.pool.hosts
+        answers = await asyncio.gather(*(self._ask(host, path) for host in hosts))
+        exchange.route = "all"
+        got = [(host, answer) for host, (answer, _) in zip(hosts, answers, strict=True) if answer is not None]
+        if got:
+            body = merge(path, got)
+            await self._answer(exchange, send, 200, body, json_headers(body))
+            return
+        failure = HostsDown([(host.name, reason) for host, (_, reason) in zip(hosts, answers, strict=True)])
+        status, message, error_type = classify_failure(failure, self.upstream)
+        exchange.outcome, exchange.error, exchange.error_type = ERROR, message, error_type
+        body = error_body(path, message)
+        await self._answer(exchange, send, status, body, json_headers(body))
+
+    async def _ask(self, host: Host, path: str) -> tuple[Any, str]:
+        try:
+            answer = await self.pool.fetch(host, path)
+        except httpx.TransportError as exc:
+            host.failed(f"{type(exc).__name__}: {exc}")
+            return None, str(exc) or type(exc).__name__
+        except (ValueError, TimeoutError) as exc:
+            return None, str(exc) or type(exc).__name__
+        host.answered()
+        return answer, ""
+
     def _request(
         self,
+        host: Host,
         method: str,
         target: bytes,
         headers: list[tuple[bytes, bytes]],
         content: bytes | AsyncIterator[bytes],
     ) -> httpx.Request:
-        url = self._url(target)
+        url = host.url(target)
         # httpx.URL drops "." and ".." segments: the target goes verbatim in httpcore's extension.
-        extensions = {"timeout": self._timeout, "target": self._prefix + target}
+        extensions = {"timeout": self._timeout, "target": host.prefix + target}
         if not isinstance(content, bytes):
             return httpx.Request(method, url, headers=headers, content=content, extensions=extensions)
         # A body already in memory (nearly every request): given as content=, httpx encodes it and builds
@@ -201,18 +397,6 @@ class Proxy:
         )
         request.read()
         return request
-
-    def _url(self, target: bytes) -> httpx.URL:
-        # Parsing a URL costs ~9 µs and Ollama clients use a handful of paths: remember them (bounded,
-        # as blob digests and query strings are unbounded). The target goes in as the path, never joined
-        # to the upstream's address as text: "http://ollama:11434" + "*@elsewhere/x" parses as a request
-        # to elsewhere. Host and port are the configured ones whatever the target holds.
-        url = self._urls.get(target)
-        if url is None:
-            if len(self._urls) >= 1024:
-                self._urls.clear()
-            url = self._urls[target] = self._origin.copy_with(raw_path=self._prefix + target)
-        return url
 
     async def _relay(
         self,
@@ -285,8 +469,15 @@ class Proxy:
             if recording is not None:
                 _guarded(recording.finish, exchange)
 
-    async def _fail(self, exc: BaseException, exchange: Exchange, send: Send, state: _State) -> None:
-        status, message, error_type = classify_failure(exc, self.upstream)
+    async def _fail(
+        self,
+        exc: BaseException,
+        exchange: Exchange,
+        send: Send,
+        state: _State,
+        upstream: Upstream | None = None,
+    ) -> None:
+        status, message, error_type = classify_failure(exc, upstream or self.upstream)
         exchange.outcome, exchange.error, exchange.error_type = ERROR, message, error_type
         log.warning("%s %s: %s", exchange.method, exchange.path, message)
         if state.finished:
@@ -313,6 +504,7 @@ class Proxy:
     ) -> AsyncIterator[bytes]:
         kept: list[bytes] | None = [first]
         size = len(first)
+        state.body_sent = True
         yield first
         while True:
             message = await receive()
@@ -395,10 +587,24 @@ async def _close(response: httpx.Response, state: _State) -> None:
 class _State:
     """Per-request flags shared between the relay and the disconnect watcher."""
 
-    __slots__ = ("_timer", "_watcher", "client_gone", "finished", "response_started")
+    __slots__ = (
+        "_timer",
+        "_watcher",
+        "body_sent",
+        "client_gone",
+        "finished",
+        "host",
+        "model",
+        "response_started",
+        "upstream",
+    )
 
     def __init__(self) -> None:
+        self.host: Host | None = None  # the host the request is open on (its in-flight count holds it)
+        self.model: str | None = None  # the model key it was routed by
+        self.upstream: Upstream | None = None  # the host the last failure came from, for its message
         self.client_gone = False
+        self.body_sent = False  # a streamed request body began going to a host: it can go nowhere else
         self.response_started = False
         self.finished = False  # the last body message is being sent; a disconnect now is the normal end
         self._timer: asyncio.TimerHandle | None = None

@@ -63,6 +63,8 @@ def record_metrics(
         (semconv.OUTCOME, record.outcome),
         (semconv.ERROR_TYPE, cut(record.error_type) if record.error_type else None),
         (semconv.CLIENT_NAME, cap(semconv.CLIENT_NAME, record.client) if record.client else None),
+        # Bounded already: a configured host's name (or none, with one upstream).
+        (semconv.UPSTREAM, record.upstream),
     )
     key = key_of(attributes)
     instruments.requests.add(1, key)

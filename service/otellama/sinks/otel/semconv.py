@@ -65,6 +65,10 @@ OLLAMA_PROMPT_TOKENS_PER_SECOND: Final = "ollama.prompt_tokens_per_second"
 OLLAMA_BODY_PARSED: Final = "ollama.request.body_parsed"
 OUTCOME: Final = "otellama.outcome"  # ok | error | cancelled
 CLIENT_NAME: Final = "otellama.client"  # from the configurable client header
+UPSTREAM: Final = "otellama.upstream"  # the configured name of the host that answered (several upstreams)
+ROUTE: Final = "otellama.route"  # why the router chose it: warm, least_busy, only, failover, spill, all
+RETRY_EVENT: Final = "otellama.retry"  # a span event per host tried before the one that answered
+RETRY_REASON: Final = "otellama.retry.reason"  # connect_error, connect_timeout, busy
 
 # --- span names -------------------------------------------------------------------------------------------
 SPAN_LOAD: Final = "ollama.load"
@@ -149,6 +153,19 @@ PROMPT_THROUGHPUT: Final = Metric(
 COLD_STARTS: Final = Metric("ollama.cold_starts", "{request}", "Requests that waited for a model load")
 REQUESTS: Final = Metric("ollama.requests", "{request}", "Requests by outcome: ok, error, cancelled")
 IN_FLIGHT: Final = Metric("ollama.requests.in_flight", "{request}", "Requests being served now")
+# --- per host, from the /api/ps poll and the router (observable gauges, read when metrics are collected) --
+UPSTREAM_UP: Final = Metric(
+    "otellama.upstream.up", "", "Whether the host answered its last poll (1) or not (0)"
+)
+UPSTREAM_IN_FLIGHT: Final = Metric(
+    "otellama.upstream.requests.in_flight", "{request}", "Requests otellama has open to the host"
+)
+MODEL_LOADED: Final = Metric("ollama.model.loaded", "", "Whether the model is loaded on the host (/api/ps)")
+MODEL_SIZE: Final = Metric("ollama.model.size", "By", "Memory the loaded model takes on the host, in all")
+MODEL_VRAM: Final = Metric("ollama.model.vram", "By", "Of the loaded model's memory, the part in VRAM")
+MODEL_UNLOAD_IN: Final = Metric(
+    "ollama.model.unload_in", "s", "Seconds until the host unloads the model (its keep-alive)"
+)
 EXPORT_FAILURES: Final = Metric(
     "otellama.export.failures", "{batch}", "OTLP export batches that failed, by signal"
 )

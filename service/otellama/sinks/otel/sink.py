@@ -45,6 +45,7 @@ from otellama.sinks.otel.export import (
     span_exporter,
 )
 from otellama.sinks.otel.exportqueue import CountedBatchSpanProcessor
+from otellama.sinks.otel.hosts import HostGauges, HostStates
 from otellama.sinks.otel.metrics import Instruments, record_metrics
 from otellama.sinks.otel.spans import PHASE_SPANS, SCOPE, render_spans
 
@@ -121,6 +122,10 @@ class OtelSink:
         self._random = random.Random()
         # The headers the configured propagators (OTEL_PROPAGATORS) read: traceparent, tracestate, baggage.
         self._trace_headers = frozenset(f.lower().encode("latin-1") for f in get_global_textmap().fields)
+
+    def watch_hosts(self, states: HostStates) -> None:
+        """Report the per-host gauges (:mod:`~otellama.sinks.otel.hosts`) from ``states``."""
+        HostGauges(self.meter_provider.get_meter(SCOPE.name, SCOPE.version), states)
 
     # --- per exchange ----------------------------------------------------------------------------------
     def start(self, exchange: Exchange, endpoint: Endpoint | None) -> Started:

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import orjson
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
@@ -75,11 +75,24 @@ def render_spans(record: Record, resource: Resource) -> list[ReadableSpan]:
         (semconv.ERROR_TYPE, record.error_type),
         (semconv.OUTCOME, record.outcome),
         (semconv.CLIENT_NAME, record.client),
+        (semconv.UPSTREAM, record.upstream),
+        (semconv.ROUTE, record.route),
     )
     name = f"{record.method} {record.endpoint}"
-    spans = [
-        span(name, server, parent, SpanKind.SERVER, server_attributes, record.start_ns, record.end_ns, status)
-    ]
+    server_span = span(
+        name, server, parent, SpanKind.SERVER, server_attributes, record.start_ns, record.end_ns, status
+    )
+    if record.retries:
+        # Each host tried before the one that answered, when it was given up on and why.
+        server_span = ReadableSpan(
+            name, server, parent, resource, server_attributes, kind=SpanKind.SERVER, status=status,
+            start_time=record.start_ns, end_time=record.end_ns, instrumentation_scope=SCOPE,
+            events=[
+                Event(semconv.RETRY_EVENT, {semconv.UPSTREAM: host, semconv.RETRY_REASON: reason}, at)
+                for host, reason, at in record.retries
+            ],
+        )  # fmt: skip
+    spans = [server_span]
     if ids.genai_span_id is not None and record.operation is not None:
         genai = ours(ids.genai_span_id)
         name = f"{record.operation} {record.model}" if record.model else record.operation
@@ -136,6 +149,8 @@ def genai_attributes(record: Record) -> dict[str, Any]:
         (semconv.OLLAMA_CHUNKS, record.chunks),
         (semconv.OLLAMA_BODY_PARSED, r.parsed),
         (semconv.CLIENT_NAME, record.client),
+        (semconv.UPSTREAM, record.upstream),
+        (semconv.ROUTE, record.route),
     )
     if r.input_messages is not None:
         attributes[semconv.INPUT_MESSAGES] = encode_json(r.input_messages)
