@@ -24,6 +24,7 @@ from otellama.exchange import Recorder
 from otellama.proxy.auth import ADMIN_PREFIX, Gate
 from otellama.proxy.forward import Proxy
 from otellama.proxy.hosts import HostPool
+from otellama.proxy.routing import RoutingProxy
 from otellama.proxy.transport import HttpTransport
 from otellama.settings import Settings
 from otellama.sinks.fanout import Sink, Telemetry
@@ -107,7 +108,9 @@ class App:
         )
         #: The Ollama hosts, and what each has loaded; polled when there are several.
         self.hosts = HostPool(settings.hosts, settings.poll_interval)
-        self.proxy = Proxy(
+        # One host needs no routing; several get the proxy that picks one per request and fails over.
+        kind = RoutingProxy if self.hosts.routing else Proxy
+        self.proxy = kind(
             settings.upstream, self.transport, timeout=timeout, recorder=recorder, pool=self.hosts
         )
         if self.otel is not None:

@@ -19,19 +19,12 @@ import httpx
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
-from otellama.exchange import CANCELLED, ERROR, Exchange, Recorder, Recording, Retry
+from otellama.exchange import CANCELLED, ERROR, Exchange, Recorder, Recording
 from otellama.proxy.connection import REFUSED_WITH
-from otellama.proxy.errors import SHUTDOWN, HostsDown, classify_failure, error_body, json_headers
-from otellama.proxy.hosts import Host, HostPool, model_key
+from otellama.proxy.errors import SHUTDOWN, classify_failure, error_body, json_headers
+from otellama.proxy.hosts import Host, HostPool
 from otellama.proxy.router import (
-    MERGED,
     MODEL_PATHS,
-    UPSTREAM_HEADER,
-    Plan,
-    Router,
-    is_management,
-    merge,
-    model_of,
 )
 from otellama.settings import Upstream
 
@@ -98,7 +91,6 @@ class Proxy:
         self.upstream = upstream
         #: The hosts behind otellama: just ``upstream`` unless several were configured (then it is the first).
         self.pool = pool or HostPool((upstream,), poll_interval=5.0)
-        self.router = Router(self.pool) if self.pool.routing else None
         # httpx's transport interface, without AsyncClient.send on top: a proxy needs none of its cookie,
         # auth and redirect handling, which cost ~50 µs a request (bench/proxy_bench.py).
         self.transport = transport
@@ -130,7 +122,7 @@ class Proxy:
             return
         task = asyncio.current_task()
         assert task is not None
-        state = _State()
+        state = RelayState()
         headers: list[tuple[bytes, bytes]] = []
         closer_look = False
         for header in scope["headers"]:  # the hot path: one loop, tuples reused, ~half a comprehension
@@ -145,9 +137,20 @@ class Proxy:
                 await self._refuse(exchange, send, 501, message)
                 return
             headers = _drop_named(scope["headers"], headers)
-        if self.router is not None:
-            await self._routed(scope, receive, send, exchange, raw_path, headers, state, task)
-            return
+        await self._forward(scope, receive, send, exchange, raw_path, headers, state, task)
+
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        exchange: Exchange,
+        raw_path: bytes,
+        headers: list[tuple[bytes, bytes]],
+        state: RelayState,
+        task: asyncio.Task[Any],
+    ) -> None:
+        """Send the request, its headers already filtered, to the one upstream and relay the answer."""
         headers.append((b"host", self._only.host_header))
 
         first = await receive()
@@ -163,7 +166,7 @@ class Proxy:
             exchange.request_body = body
             state.watch(receive, task)
 
-        recording = _guarded(self.recorder.begin, exchange) if self.recorder is not None else None
+        recording = guarded(self.recorder.begin, exchange) if self.recorder is not None else None
         target = raw_path + (b"?" + exchange.query if exchange.query else b"")
         state.host = self._only
         self._only.started(None)
@@ -185,7 +188,7 @@ class Proxy:
         scope: Scope,
         send: Send,
         exchange: Exchange,
-        state: _State,
+        state: RelayState,
         task: asyncio.Task[Any],
         recording: Recording | None,
         opening: Awaitable[httpx.Response],
@@ -222,158 +225,7 @@ class Proxy:
             exchange.t_end = time.perf_counter()
             # Recorded whatever happened: a request that began is never missing from the log.
             if recording is not None:
-                _guarded(recording.finish, exchange)
-
-    async def _routed(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        exchange: Exchange,
-        raw_path: bytes,
-        headers: list[tuple[bytes, bytes]],
-        state: _State,
-        task: asyncio.Task[Any],
-    ) -> None:
-        """One request with several hosts: answered from all of them, or sent to the host its plan puts
-        first, failing over down the plan (:mod:`otellama.proxy.router`)."""
-        assert self.router is not None
-        named: bytes | None = None
-        if any(header[0] == UPSTREAM_HEADER for header in headers):
-            named = next(value for name, value in headers if name == UPSTREAM_HEADER)
-            headers = [header for header in headers if header[0] != UPSTREAM_HEADER]
-        path = exchange.path
-        first = await receive()
-        if first["type"] == "http.disconnect":
-            return  # gone before it sent a body: nothing reached Ollama, nothing to record
-        body: bytes = first.get("body", b"")
-        if named is None and (exchange.method, path) in MERGED and not first.get("more_body", False):
-            await self._merged(exchange, send, path)
-            return
-        content: bytes | AsyncIterator[bytes]
-        if first.get("more_body", False) and path in MODEL_PATHS:
-            # The model is in the body: read it (up to the capture limit, as nginx buffers bodies) to route.
-            parts = [body]
-            size = len(body)
-            more = True
-            while more and size <= BODY_CAPTURE_LIMIT:
-                received = await receive()
-                if received["type"] == "http.disconnect":
-                    return
-                parts.append(received.get("body", b""))
-                size += len(parts[-1])
-                more = received.get("more_body", False)
-            body = b"".join(parts)
-            first = {"type": "http.request", "body": body, "more_body": more}
-        if first.get("more_body", False):
-            content = self._body_stream(body, receive, exchange, state, task)
-        else:
-            content = body
-            exchange.request_size = len(body)
-            exchange.request_body = body
-            state.watch(receive, task)
-
-        if named is not None:
-            host = self.pool.named(named.decode("latin-1"))
-            if host is None:
-                state.stop_watching()
-                names = ", ".join(host.name for host in self.pool.hosts)
-                refusal = f"otellama: no upstream is named {named.decode('latin-1')[:64]!r}; they are {names}"
-                await self._refuse(exchange, send, 400, refusal)
-                return
-            model = model_of(path, content if isinstance(content, bytes) else None)
-            plan = Plan([host], "only", model_key(model) if model else None)
-        elif is_management(path):
-            plan = self.router.for_management(None)
-        else:
-            plan = self.router.for_model(model_of(path, content if isinstance(content, bytes) else None))
-
-        recording = _guarded(self.recorder.begin, exchange) if self.recorder is not None else None
-        target = raw_path + (b"?" + exchange.query if exchange.query else b"")
-        state.model = plan.model
-        opening = self._open_routed(plan, exchange, target, headers, content, state)
-        await self._exchange(scope, send, exchange, state, task, recording, opening)
-
-    async def _open_routed(
-        self,
-        plan: Plan,
-        exchange: Exchange,
-        target: bytes,
-        headers: list[tuple[bytes, bytes]],
-        content: bytes | AsyncIterator[bytes],
-        state: _State,
-    ) -> httpx.Response:
-        """The response of the first host in ``plan`` that takes the request.
-
-        A host that refuses the connection or does not accept it in time is marked down and the next one is
-        tried; so is one that answers 503 ("server busy": its queue is full) while the body is still in
-        memory, unless it is the last. Once a byte of a streamed body went to a host, nothing is re-sent.
-        """
-        tried: list[tuple[str, str]] = []
-        last = len(plan.hosts) - 1
-        for index, host in enumerate(plan.hosts):
-            request = self._request(
-                host, exchange.method, target, [*headers, (b"host", host.host_header)], content
-            )
-            state.host, state.upstream = host, host.upstream
-            # Named before the answer: a request that fails on this host is recorded as this host's.
-            exchange.upstream = host.name
-            exchange.upstream_address = (host.upstream.host, host.upstream.port)
-            if not exchange.retries:
-                exchange.route = plan.reason
-            else:
-                exchange.route = "spill" if exchange.retries[-1].reason == "busy" else "failover"
-            host.started(plan.model)
-            try:
-                response = await self.transport.handle_async_request(request)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                state.host = None
-                host.ended(plan.model, None)
-                if state.body_sent:
-                    raise
-                kind = "connect_timeout" if isinstance(exc, httpx.ConnectTimeout) else "connect_error"
-                host.failed(f"{kind}: {exc}")
-                exchange.retries.append(Retry(host.name, kind, time.perf_counter()))
-                tried.append((host.name, str(exc) or kind))
-                continue
-            host.answered()
-            if response.status_code == 503 and index < last and isinstance(content, bytes):
-                await response.aclose()
-                state.host = None
-                host.ended(plan.model, None)
-                exchange.retries.append(Retry(host.name, "busy", time.perf_counter()))
-                tried.append((host.name, "busy"))
-                continue
-            return response
-        exchange.upstream = exchange.upstream_address = exchange.route = None
-        raise HostsDown(tried)
-
-    async def _merged(self, exchange: Exchange, send: Send, path: str) -> None:
-        """``GET path`` answered from every host that answers (:func:`~otellama.proxy.router.merge`)."""
-        hosts = [host for host in self.pool.hosts if host.up is not False] or self.pool.hosts
-        answers = await asyncio.gather(*(self._ask(host, path) for host in hosts))
-        exchange.route = "all"
-        got = [(host, answer) for host, (answer, _) in zip(hosts, answers, strict=True) if answer is not None]
-        if got:
-            body = merge(path, got)
-            await self._answer(exchange, send, 200, body, json_headers(body))
-            return
-        failure = HostsDown([(host.name, reason) for host, (_, reason) in zip(hosts, answers, strict=True)])
-        status, message, error_type = classify_failure(failure, self.upstream)
-        exchange.outcome, exchange.error, exchange.error_type = ERROR, message, error_type
-        body = error_body(path, message)
-        await self._answer(exchange, send, status, body, json_headers(body))
-
-    async def _ask(self, host: Host, path: str) -> tuple[Any, str]:
-        try:
-            answer = await self.pool.fetch(host, path)
-        except httpx.TransportError as exc:
-            host.failed(f"{type(exc).__name__}: {exc}")
-            return None, str(exc) or type(exc).__name__
-        except (ValueError, TimeoutError) as exc:
-            return None, str(exc) or type(exc).__name__
-        host.answered()
-        return answer, ""
+                guarded(recording.finish, exchange)
 
     def _request(
         self,
@@ -403,7 +255,7 @@ class Proxy:
         response: httpx.Response,
         exchange: Exchange,
         send: Send,
-        state: _State,
+        state: RelayState,
         recording: Recording | None,
     ) -> None:
         raw = response.headers.raw
@@ -419,7 +271,7 @@ class Proxy:
             headers = _drop_named(raw, headers)
         exchange.status = response.status_code
         exchange.response_headers = headers
-        observe = _guarded(recording.observe, exchange) if recording is not None else None
+        observe = guarded(recording.observe, exchange) if recording is not None else None
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         state.response_started = True
         size = chunks = 0
@@ -457,7 +309,7 @@ class Proxy:
         self, exchange: Exchange, send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None:
         """Answer a request otellama handles itself, recorded like any exchange (it reached the proxy)."""
-        recording = _guarded(self.recorder.begin, exchange) if self.recorder is not None else None
+        recording = guarded(self.recorder.begin, exchange) if self.recorder is not None else None
         exchange.status = status
         exchange.response_headers = headers
         try:
@@ -467,14 +319,14 @@ class Proxy:
             exchange.response_size = len(body)
             exchange.t_end = time.perf_counter()
             if recording is not None:
-                _guarded(recording.finish, exchange)
+                guarded(recording.finish, exchange)
 
     async def _fail(
         self,
         exc: BaseException,
         exchange: Exchange,
         send: Send,
-        state: _State,
+        state: RelayState,
         upstream: Upstream | None = None,
     ) -> None:
         status, message, error_type = classify_failure(exc, upstream or self.upstream)
@@ -500,7 +352,7 @@ class Proxy:
         # response makes uvicorn cut the connection, so the client sees a truncated body, not a whole one.
 
     async def _body_stream(
-        self, first: bytes, receive: Receive, exchange: Exchange, state: _State, task: asyncio.Task[Any]
+        self, first: bytes, receive: Receive, exchange: Exchange, state: RelayState, task: asyncio.Task[Any]
     ) -> AsyncIterator[bytes]:
         kept: list[bytes] | None = [first]
         size = len(first)
@@ -563,7 +415,8 @@ def _client_left(exchange: Exchange, scope: Scope) -> None:
         exchange.status, exchange.error = refused
 
 
-def _guarded(call: Callable[[Exchange], _T], exchange: Exchange) -> _T | None:
+def guarded(call: Callable[[Exchange], _T], exchange: Exchange) -> _T | None:
+    """``call(exchange)``, or None if it raised (and was logged)."""
     try:
         return call(exchange)
     except Exception:  # telemetry never touches the response
@@ -571,7 +424,7 @@ def _guarded(call: Callable[[Exchange], _T], exchange: Exchange) -> _T | None:
         return None
 
 
-async def _close(response: httpx.Response, state: _State) -> None:
+async def _close(response: httpx.Response, state: RelayState) -> None:
     try:
         await response.aclose()
     except asyncio.CancelledError:
@@ -584,7 +437,7 @@ async def _close(response: httpx.Response, state: _State) -> None:
         await response.aclose()
 
 
-class _State:
+class RelayState:
     """Per-request flags shared between the relay and the disconnect watcher."""
 
     __slots__ = (
