@@ -157,21 +157,31 @@ class Proxy:
         if first["type"] == "http.disconnect":
             return  # gone before it sent a body: nothing reached Ollama, nothing to record
         body: bytes = first.get("body", b"")
-        content: bytes | AsyncIterator[bytes]
-        if first.get("more_body", False):
-            content = self._body_stream(body, receive, exchange, state, task)
-        else:
-            content = body
-            exchange.request_size = len(body)
-            exchange.request_body = body
-            state.watch(receive, task)
-
+        content = self._content(body, first.get("more_body", False), receive, exchange, state, task)
         recording = guarded(self.recorder.begin, exchange) if self.recorder is not None else None
         target = raw_path + (b"?" + exchange.query if exchange.query else b"")
         state.host = self._only
         self._only.started(None)
         opening = self._open(exchange.method, target, headers, content)
         await self._exchange(scope, send, exchange, state, task, recording, opening)
+
+    def _content(
+        self,
+        body: bytes,
+        more: bool,
+        receive: Receive,
+        exchange: Exchange,
+        state: RelayState,
+        task: asyncio.Task[Any],
+    ) -> bytes | AsyncIterator[bytes]:
+        """The request body to send: ``body`` itself when it is whole (and kept for the record), else a
+        stream of it and the rest still to come. Once the body is in, the client is watched for leaving."""
+        if more:
+            return self._body_stream(body, receive, exchange, state, task)
+        exchange.request_size = len(body)
+        exchange.request_body = body
+        state.watch(receive, task)
+        return body
 
     async def _open(
         self,

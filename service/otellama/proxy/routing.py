@@ -74,7 +74,6 @@ class RoutingProxy(Proxy):
         if named is None and (exchange.method, path) in MERGED and not first.get("more_body", False):
             await self._merged(exchange, send, path)
             return
-        content: bytes | AsyncIterator[bytes]
         if first.get("more_body", False) and path in MODEL_PATHS:
             # The model is in the body: read it (up to the capture limit, as nginx buffers bodies) to route.
             parts = [body]
@@ -89,13 +88,7 @@ class RoutingProxy(Proxy):
                 more = received.get("more_body", False)
             body = b"".join(parts)
             first = {"type": "http.request", "body": body, "more_body": more}
-        if first.get("more_body", False):
-            content = self._body_stream(body, receive, exchange, state, task)
-        else:
-            content = body
-            exchange.request_size = len(body)
-            exchange.request_body = body
-            state.watch(receive, task)
+        content = self._content(body, first.get("more_body", False), receive, exchange, state, task)
 
         if named is not None:
             host = self.pool.named(named.decode("latin-1"))
