@@ -1,0 +1,216 @@
+"""``python -m otellama exporter``: follow the log, render, export, save the position; report to the proxy.
+
+One loop: read a batch of lines from the saved position, rebuild each record (:meth:`Record.from_json`),
+record its metrics (exemplars: the GenAI span's ids) and render its spans, export the spans synchronously,
+and save the position after the batch only once every span exporter accepted it. A failed export is retried
+with a growing pause (up to :data:`RETRY_MAX` seconds) and never skipped, so a collector that is down for
+ten minutes gets every span of those minutes once it is back, in order, with the original ids and times.
+Delivery is at least once: a process killed between an accepted export and saving the position sends that
+one batch again after its restart (backends keyed on span ids keep one copy).
+
+Metrics go through the SDK's periodic readers, cumulatively, so a metric export that fails is caught up by
+the next that succeeds. The process exits when its parent (the proxy) is gone, and on SIGTERM exports to the
+end of the log and exits (the proxy kills it if that takes longer than the shutdown grace; what was not
+exported then is exported after the next start, from the saved position).
+
+Each second it writes one JSON line of counters to stdout for the proxy's ``/otellama/metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, TextIO
+
+import orjson
+from opentelemetry.sdk.metrics import MeterProvider, TraceBasedExemplarFilter
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from otellama.exporter.follow import LogFollower
+from otellama.observe.record import Record
+from otellama.settings import Settings
+from otellama.sinks.capper import Capper
+from otellama.sinks.complaints import Complaints
+from otellama.sinks.otel.aggregates import Aggregates
+from otellama.sinks.otel.export import (
+    CountingMetricExporter,
+    metric_exporters,
+    quiet_sdk_exporters,
+    resource,
+    span_exporters,
+)
+from otellama.sinks.otel.metrics import Instruments, record_metrics
+from otellama.sinks.otel.spans import SCOPE, render_spans
+
+log = logging.getLogger(__name__)
+
+#: Lines read, rendered and exported together (a batch of ~4 spans a line).
+BATCH_LINES: Final = 256
+#: Seconds between looks at a log that has nothing new.
+POLL: Final = 0.05
+#: The longest pause between two attempts to export a failed batch.
+RETRY_MAX: Final = 5.0
+#: Seconds between two status lines to the proxy.
+STATUS_EVERY: Final = 1.0
+
+
+class Exporter:
+    """The exporting loop (see the module docstring), for one log and the ``OTEL_*`` environment."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        environ: Mapping[str, str],
+        *,
+        span_export: Sequence[SpanExporter] | None = None,
+        metric_readers: Sequence[MetricReader] | None = None,
+        status: TextIO | None = None,
+    ) -> None:
+        if settings.log_file is None:
+            raise ValueError("the exporter follows the JSONL log; OTELLAMA_LOG_FILE is off")
+        self.resource = resource(environ)
+        self.span_exporters = list(span_exporters(environ) if span_export is None else span_export)
+        self.counts: dict[str, int] = {"lines": 0, "spans": 0, "failed_traces": 0, "failed_metrics": 0}
+        readers = list(metric_readers) if metric_readers is not None else []
+        if metric_readers is None:
+            for exporter in metric_exporters(environ):
+                readers.append(PeriodicExportingMetricReader(CountingMetricExporter(exporter, self._failed)))
+        quiet_sdk_exporters()
+        self.meter_provider = MeterProvider(
+            metric_readers=readers, resource=self.resource, exemplar_filter=TraceBasedExemplarFilter()
+        )
+        self.aggregates = Aggregates(self.resource, SCOPE, exemplars=True)
+        for reader in readers:
+            self.aggregates.attach(reader)
+        self.instruments = Instruments(
+            self.meter_provider.get_meter(SCOPE.name, SCOPE.version), self.aggregates
+        )
+        self.metrics = bool(readers)
+        self.cap = Capper()
+        self.follower = LogFollower(settings.log_file, settings.log_backups)
+        self.draining = threading.Event()
+        self._status = status
+        self._complain = Complaints(log)
+        self._parent = os.getppid()
+
+    def _failed(self, signal_name: str) -> None:
+        self.counts[f"failed_{signal_name}"] += 1
+
+    def step(self) -> int:
+        """Export one batch; returns the lines it held (0: nothing new). Retries until exported or told to
+        drain past its deadline (then raises :class:`TimeoutError`, position unsaved)."""
+        lines, position = self.follower.read(BATCH_LINES)
+        if not lines:
+            return 0
+        spans: list[ReadableSpan] = []
+        for raw in lines:
+            try:
+                record = Record.from_json(orjson.loads(raw))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                self.follower.skipped_lines += 1
+                continue
+            ids = record.ids
+            exemplar = (ids.trace_id, ids.genai_span_id or ids.server_span_id) if ids.sampled else None
+            if self.metrics:
+                record_metrics(self.instruments, record, self.cap, exemplar)
+            if self.span_exporters and ids.sampled:
+                spans.extend(render_spans(record, self.resource))
+        if spans:
+            self._export(spans)
+        self.follower.commit(position)
+        self.counts["lines"] += len(lines)
+        self.counts["spans"] += len(spans)
+        return len(lines)
+
+    def _export(self, spans: list[ReadableSpan]) -> None:
+        pause = 0.1
+        pending = list(self.span_exporters)
+        while True:
+            failed = []
+            for exporter in pending:
+                try:
+                    result = exporter.export(spans)
+                except Exception as exc:  # an exporter that raises has failed like one that says so
+                    log.debug("span export raised", exc_info=exc)
+                    result = SpanExportResult.FAILURE
+                if result is not SpanExportResult.SUCCESS:
+                    failed.append(exporter)
+            if not failed:
+                self._complain.recovered()
+                return
+            pending = failed
+            self.counts["failed_traces"] += 1
+            self._complain(
+                "OTLP export of traces failed; keeping the spans in the log and retrying "
+                "(is the collector at the configured endpoint up?)"
+            )
+            self.report()
+            if self._orphaned():
+                raise SystemExit(0)
+            time.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX)
+
+    def _orphaned(self) -> bool:
+        return os.getppid() != self._parent
+
+    def report(self) -> None:
+        """One status line for the proxy."""
+        if self._status is None:
+            return
+        counts = {
+            **self.counts,
+            "dropped_bytes": self.follower.dropped_bytes,
+            "dropped_files": self.follower.dropped_files,
+            "skipped_lines": self.follower.skipped_lines,
+            "behind_bytes": self.follower.behind(),
+        }
+        try:
+            self._status.write(orjson.dumps(counts).decode() + "\n")
+            self._status.flush()
+        except (OSError, ValueError):  # the proxy stopped listening: it is going away
+            pass
+
+    def run(self) -> int:
+        """Export until drained (SIGTERM) or orphaned; returns the exit code."""
+        last_report = 0.0
+        try:
+            while True:
+                done = self.step()
+                now = time.monotonic()
+                if now - last_report >= STATUS_EVERY:
+                    self.report()
+                    last_report = now
+                if done:
+                    continue
+                if self.draining.is_set() or self._orphaned():
+                    break
+                self.draining.wait(POLL)
+        finally:
+            self.report()
+            self.follower.close()
+            self.meter_provider.shutdown()  # a last metric export
+            for exporter in self.span_exporters:
+                exporter.shutdown()
+        return 0
+
+
+def main(environ: Mapping[str, str] | None = None) -> int:
+    """Entry point of ``python -m otellama exporter`` (started by ``otellama serve``)."""
+    env = dict(os.environ if environ is None else environ)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env(env)
+    exporter = Exporter(settings, env, status=sys.stdout)
+
+    def drain(signum: int, frame: Any) -> None:
+        exporter.draining.set()
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the proxy decides when we stop
+    return exporter.run()
