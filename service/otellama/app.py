@@ -131,7 +131,9 @@ class App:
                 tracer_provider=tracer_provider, metric_readers=metric_readers, export_here=not elsewhere
             )
             if elsewhere:
-                self.supervisor = Supervisor(settings, environ, self.otel.exporter_failed)
+                self.supervisor = Supervisor(
+                    settings, environ, self.otel.exporter_failed, self.otel.in_flight_now.copy
+                )
                 self.otel.watch_exporter(
                     self.supervisor.total, lambda: self.supervisor.restarts if self.supervisor else 0
                 )

@@ -57,6 +57,7 @@ BATCH_LINES: Final = 256
 POLL: Final = 0.05
 #: The longest pause between two attempts to export a failed batch.
 RETRY_MAX: Final = 5.0
+_REPORT_LIMIT: Final = 1 << 20
 #: Seconds between two status lines to the proxy.
 STATUS_EVERY: Final = 1.0
 
@@ -82,7 +83,8 @@ class Exporter:
         if metric_readers is None:
             for exporter in metric_exporters(environ):
                 readers.append(PeriodicExportingMetricReader(CountingMetricExporter(exporter, self._failed)))
-        quiet_sdk_exporters()
+        self._sdk_lines = quiet_sdk_exporters()
+        self._complain = Complaints(log)
         self.meter_provider = MeterProvider(
             metric_readers=readers, resource=self.resource, exemplar_filter=TraceBasedExemplarFilter()
         )
@@ -97,11 +99,39 @@ class Exporter:
         self.follower = LogFollower(settings.log_file, settings.log_backups)
         self.draining = threading.Event()
         self._status = status
-        self._complain = Complaints(log)
         self._parent = os.getppid()
+
+    def listen(self, fd: int) -> None:
+        """Read the proxy's in-flight reports from ``fd`` (its stdin), in a thread of its own.
+
+        Unbuffered reads: a daemon thread blocked in a buffered reader would hold its lock at exit."""
+
+        def run() -> None:
+            reported: dict[tuple[tuple[str, str], ...], int] = {}
+            pending = b""
+            while chunk := os.read(fd, 65536):
+                *lines, pending = (pending + chunk).split(b"\n")
+                pending = pending[-_REPORT_LIMIT:]
+                for line in lines[-1:]:  # only the latest report counts
+                    try:
+                        pairs = orjson.loads(line)["in_flight"]
+                        now = {tuple((str(k), str(v)) for k, v in key): int(n) for key, n in pairs}
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    for key in reported.keys() | now.keys():
+                        # Adding 0 makes the series exist: an idle proxy reports 0 in flight, not nothing.
+                        self.instruments.in_flight.add(now.get(key, 0) - reported.get(key, 0), key)
+                    reported = now
+
+        threading.Thread(target=run, name="in-flight", daemon=True).start()
 
     def _failed(self, signal_name: str) -> None:
         self.counts[f"failed_{signal_name}"] += 1
+        self._complain(
+            "OTLP export of %s failed%s; is the collector at the configured endpoint up?",
+            signal_name,
+            self._sdk_lines.latest(),
+        )
 
     def step(self) -> int:
         """Export one batch; returns the lines it held (0: nothing new). Retries until exported or told to
@@ -148,12 +178,15 @@ class Exporter:
             pending = failed
             self.counts["failed_traces"] += 1
             self._complain(
-                "OTLP export of traces failed; keeping the spans in the log and retrying "
-                "(is the collector at the configured endpoint up?)"
+                "OTLP export of traces failed%s; the spans wait in the log and export is retried. Is the "
+                "collector at the configured endpoint up?",
+                self._sdk_lines.latest(),
             )
             self.report()
-            if self._orphaned():
-                raise SystemExit(0)
+            if self._orphaned() or self.draining.is_set():
+                # Shutting down with the collector failing: the batch stays in the log (position unsaved)
+                # and goes out after the next start, rather than holding the shutdown for the whole grace.
+                raise _Stop
             time.sleep(pause)
             pause = min(pause * 2, RETRY_MAX)
 
@@ -179,19 +212,10 @@ class Exporter:
 
     def run(self) -> int:
         """Export until drained (SIGTERM) or orphaned; returns the exit code."""
-        last_report = 0.0
         try:
-            while True:
-                done = self.step()
-                now = time.monotonic()
-                if now - last_report >= STATUS_EVERY:
-                    self.report()
-                    last_report = now
-                if done:
-                    continue
-                if self.draining.is_set() or self._orphaned():
-                    break
-                self.draining.wait(POLL)
+            self._loop(0.0)
+        except _Stop:
+            pass
         finally:
             self.report()
             self.follower.close()
@@ -199,6 +223,23 @@ class Exporter:
             for exporter in self.span_exporters:
                 exporter.shutdown()
         return 0
+
+    def _loop(self, last_report: float) -> None:
+        while True:
+            done = self.step()
+            now = time.monotonic()
+            if now - last_report >= STATUS_EVERY:
+                self.report()
+                last_report = now
+            if done:
+                continue
+            if self.draining.is_set() or self._orphaned():
+                return
+            self.draining.wait(POLL)
+
+
+class _Stop(Exception):
+    """Stop exporting now: the proxy is gone, or shutting down while the collector fails."""
 
 
 def main(environ: Mapping[str, str] | None = None) -> int:
@@ -212,5 +253,6 @@ def main(environ: Mapping[str, str] | None = None) -> int:
         exporter.draining.set()
 
     signal.signal(signal.SIGTERM, drain)
+    exporter.listen(sys.stdin.fileno())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the proxy decides when we stop
     return exporter.run()

@@ -30,6 +30,8 @@ RESTART_FIRST: Final = 0.5
 RESTART_MAX: Final = 30.0
 #: An exporter that ran this long before dying is restarted after :data:`RESTART_FIRST` again.
 STABLE_AFTER: Final = 60.0
+#: Seconds between two in-flight reports to the exporter.
+IN_FLIGHT_EVERY: Final = 1.0
 #: How long a status line may be.
 _STATUS_LIMIT: Final = 64 * 1024
 
@@ -46,6 +48,7 @@ class Supervisor:
         settings: Settings,
         environ: Mapping[str, str] | None = None,
         on_failures: Callable[[str, int], None] = lambda signal, batches: None,
+        in_flight: Callable[[], Mapping[tuple[tuple[str, str], ...], int]] = dict,
     ) -> None:
         if settings.log_file is None:
             raise ValueError("the exporter follows the JSONL log; OTELLAMA_LOG_FILE is off")
@@ -53,6 +56,7 @@ class Supervisor:
         self.environ = dict(os.environ if environ is None else environ)
         self.restarts = 0
         self._on_failures = on_failures
+        self._in_flight = in_flight
         self.status: dict[str, int] = {}
         self._earlier: dict[str, int] = {}  # the counters of lives that ended
         self._current: dict[str, int] = {}
@@ -75,7 +79,7 @@ class Supervisor:
             "otellama",
             "exporter",
             env=environ,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             start_new_session=True,  # signals to the proxy's group are the proxy's to pass on
             limit=_STATUS_LIMIT,
@@ -90,8 +94,10 @@ class Supervisor:
             except OSError as exc:
                 log.error("cannot start the exporter process: %s", exc)
             else:
+                feeding = asyncio.get_running_loop().create_task(self._feed(self.process))
                 await self._read(self.process)
                 code = await self.process.wait()
+                feeding.cancel()
                 self._earlier = self.total()
                 self._current = {}
                 if self._stopping:
@@ -127,6 +133,17 @@ class Supervisor:
                         if new > 0:
                             self._on_failures(signal_name, new)
                     self._current = counts
+
+    async def _feed(self, process: asyncio.subprocess.Process) -> None:
+        """Tell the exporter the in-flight gauge once a second (it exports it with the other metrics)."""
+        stdin = process.stdin
+        assert stdin is not None
+        while process.returncode is None:
+            if stdin.transport.get_write_buffer_size() < _STATUS_LIMIT:  # a stuck child grows no buffer
+                pairs = [[list(map(list, key)), value] for key, value in self._in_flight().items()]
+                with contextlib.suppress(OSError, RuntimeError):
+                    stdin.write(orjson.dumps({"in_flight": pairs}) + b"\n")
+            await asyncio.sleep(IN_FLIGHT_EVERY)
 
     def total(self) -> dict[str, int]:
         """The exporter's counters over all its lives (``behind_bytes`` is the latest, not a sum)."""

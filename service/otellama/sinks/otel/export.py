@@ -163,45 +163,47 @@ def metric_exporters(environ: Mapping[str, str]) -> list[MetricExporter]:
     return found
 
 
-class OncePerMinute(logging.Filter):
-    """Lets a logger's warnings and errors through at most once a minute (README: a failing collector is
-    logged at most once a minute, whoever logs it). The SDK's exporters log every failed attempt."""
+class SdkExportLines(logging.Filter):
+    """Holds back the SDK exporters' warnings and errors, keeping the latest for otellama's own complaint.
 
-    def __init__(self, every: float = 60.0, clock: Callable[[], float] | None = None) -> None:
+    The README promises that a failing collector is logged at most once a minute, whoever logs it. The
+    SDK's exporters log every failed attempt (and retry); otellama logs one line a minute that says what
+    to check, and with this filter that line carries the SDK's latest reason (:meth:`latest`).
+    """
+
+    def __init__(self) -> None:
         super().__init__()
-        import time
-
-        self._every = every
-        self._clock = clock or time.monotonic
-        self._last = float("-inf")
+        self._latest: str | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
-        now = self._clock()
-        if now - self._last < self._every:
-            return False
-        self._last = now
-        return True
+        self._latest = record.getMessage()[:500]
+        return False
+
+    def latest(self) -> str:
+        """``": <the SDK's latest failure line>"``, or nothing if it logged none."""
+        return f": {self._latest}" if self._latest else ""
 
 
-#: The loggers of the SDK's exporters and export helpers (:func:`quiet_sdk_exporters` limits their lines).
+#: The loggers of the SDK's exporters and export helpers (:func:`quiet_sdk_exporters` holds their lines).
 SDK_EXPORT_LOGGERS: Final = (
     "opentelemetry.exporter.otlp.proto.http.trace_exporter",
     "opentelemetry.exporter.otlp.proto.http.metric_exporter",
     "opentelemetry.exporter.otlp.proto.grpc.exporter",
-    "opentelemetry.exporter.otlp.proto.http",
     "opentelemetry.sdk.metrics._internal.export",
     "opentelemetry.sdk._shared_internal",
 )
+_SDK_LINES = SdkExportLines()
 
 
-def quiet_sdk_exporters() -> None:
-    """Put a :class:`OncePerMinute` filter on each of :data:`SDK_EXPORT_LOGGERS` (once per process)."""
+def quiet_sdk_exporters() -> SdkExportLines:
+    """Put the one :class:`SdkExportLines` filter on each of :data:`SDK_EXPORT_LOGGERS`; return it."""
     for name in SDK_EXPORT_LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, OncePerMinute) for f in logger.filters):
-            logger.addFilter(OncePerMinute())
+        if _SDK_LINES not in logger.filters:
+            logger.addFilter(_SDK_LINES)
+    return _SDK_LINES
 
 
 def span_exporter(protocol: str, endpoint: str | None = None) -> SpanExporter:

@@ -132,6 +132,8 @@ class OtelSink:
         #: Whether spans are recorded here (and the upstream call is traced, carrying ``traceparent``).
         self.tracing = self._spans is not None or self.propagating
         self.cap = Capper()
+        #: Requests in flight now, by operation: what the exporter process reports as the in-flight gauge.
+        self.in_flight_now: dict[Key, int] = {}
         self._random = random.Random()
         # The headers the configured propagators (OTEL_PROPAGATORS) read: traceparent, tracestate, baggage.
         self._trace_headers = frozenset(f.lower().encode("latin-1") for f in get_global_textmap().fields)
@@ -142,6 +144,8 @@ class OtelSink:
         so that the traced upstream call becomes a child of the GenAI span-to-be."""
         operation: Key = ((semconv.OPERATION, endpoint.operation),) if endpoint is not None else ()
         self.instruments.in_flight.add(1, operation)
+        in_flight = self.in_flight_now
+        in_flight[operation] = in_flight.get(operation, 0) + 1
         parent_context = None
         parent = trace.INVALID_SPAN_CONTEXT
         fields = self._trace_headers
@@ -177,6 +181,7 @@ class OtelSink:
     def stop(self, started: Started) -> TraceIds:
         """The exchange is over: no longer in flight; its ids, with the phase spans' drawn if it has any."""
         self.instruments.in_flight.add(-1, started.operation)
+        self.in_flight_now[started.operation] -= 1
         if started.token is not None:
             otel_context.detach(started.token)
         ids = started.ids
@@ -258,7 +263,10 @@ class OtelSink:
 
     def _export_failed(self, signal: str) -> None:
         self.instruments.export_failures.add(1, {semconv.SIGNAL: signal})
-        self._complain("OTLP export of %s failed; is the collector at the configured endpoint up?", signal)
+        latest = quiet_sdk_exporters().latest()
+        self._complain(
+            "OTLP export of %s failed%s; is the collector at the configured endpoint up?", signal, latest
+        )
 
 
 class _CallSpans(SpanProcessor):
