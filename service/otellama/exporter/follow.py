@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 #: The longest line the follower reads; longer ones (never written by otellama) are skipped and counted.
 MAX_LINE: Final = 16 * 1024 * 1024
 _CHUNK: Final = 1 << 20
+_HEAD: Final = 64
 
 
 class Position(NamedTuple):
@@ -84,7 +85,7 @@ class LogFollower:
         self._inode = 0
         self._offset = 0  # of the first byte not yet returned as part of a line
         self._buffer = b""
-        self._order: list[tuple[int, int]] = []  # (inode, size) oldest first, as last seen
+        self._known: list[tuple[tuple[int, bytes], int]] = []  # the files as last listed, oldest first
         self._resume()
 
     # --- reading ---------------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ class LogFollower:
 
     def behind(self) -> int:
         """Bytes in the log not yet read (the current file and those after it), roughly."""
-        files = self._scan()
+        files = [(ident[0], size) for ident, size in self.refresh()]
         inodes = [inode for inode, _ in files]
         behind = 0
         if self._fd is not None:
@@ -133,12 +134,18 @@ class LogFollower:
         names = [self.path.with_name(f"{self.path.name}.{n}") for n in range(self.backups, 0, -1)]
         return [*names, self.path]
 
-    def _scan(self) -> list[tuple[int, int]]:
-        found: list[tuple[int, int]] = []
+    def _identify(self) -> list[tuple[tuple[int, bytes], int]]:
+        """((inode, first bytes), size) of each log file, oldest first. Inodes alone do not name a file:
+        a deleted backup's inode is soon reused by a new one; a line's first bytes (a timestamp) do."""
+        found: list[tuple[tuple[int, bytes], int]] = []
         for path in self._files():
             with contextlib.suppress(OSError):
-                status = os.stat(path)
-                found.append((status.st_ino, status.st_size))
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    status = os.fstat(fd)
+                    found.append(((status.st_ino, os.pread(fd, _HEAD, 0)), status.st_size))
+                finally:
+                    os.close(fd)
         return found
 
     def _open(self, inode: int, offset: int) -> bool:
@@ -157,7 +164,7 @@ class LogFollower:
 
     def _resume(self) -> None:
         saved = load_position(self.state)
-        self._order = self._scan()
+        self._known = self._identify()
         if saved is not None and self._open(saved.inode, saved.offset):
             return
         if saved is not None:
@@ -169,8 +176,8 @@ class LogFollower:
                 "file left (raise OTELLAMA_LOG_MAX_BYTES or OTELLAMA_LOG_BACKUPS to keep more)",
                 saved.inode,
             )
-        if self._order:
-            self._open(self._order[0][0], 0)
+        if self._known:
+            self._open(self._known[0][0][0], 0)
 
     def _fill(self) -> bool:
         """Read more of the current file; False at its end."""
@@ -182,40 +189,40 @@ class LogFollower:
         self._buffer += chunk
         return True
 
+    def refresh(self) -> list[tuple[tuple[int, bytes], int]]:
+        """List the log files again, counting those after ours that vanished unread since the last listing
+        (the exporter lists them every second, also while it waits for a collector). Returns the list."""
+        files = self._identify()
+        known = self._known
+        ours = next((i for i, (ident, _) in enumerate(known) if ident[0] == self._inode), None)
+        if ours is not None and self._fd is not None:
+            still = {ident for ident, _ in files}
+            still_inodes = {ident[0] for ident, _ in files}
+            for ident, size in known[ours + 1 :]:
+                if ident in still or (not ident[1] and ident[0] in still_inodes):
+                    continue
+                self.dropped_files += 1
+                self.dropped_bytes += size
+                log.warning("a log file was rotated away before the exporter read it (%d bytes)", size)
+        inodes = [ident[0] for ident, _ in files]
+        if self._fd is not None and self._inode not in inodes:
+            # Ours is gone from the directory (we still read it): keep it first, everything left is newer.
+            files = [((self._inode, b""), 0), *files]
+        self._known = files
+        return files
+
     def _next_file(self) -> bool:
         """At the end of the current file: move to the next one if the writer moved on. False if not."""
-        files = self._scan()
+        files = self.refresh()
         if self._fd is None:
-            if files:
-                self._order = files
-                return self._open(files[0][0], 0)
-            return False
-        inodes = [inode for inode, _ in files]
+            return bool(files) and self._open(files[0][0][0], 0)
+        inodes = [ident[0] for ident, _ in files]
         if inodes and inodes[-1] == self._inode:
-            self._order = files
             return False  # still the file being written
         if self._fill():  # written to just before the rotation
             return True
-        # The writer moved on. The next file is the one after ours in the last order we saw that still
-        # exists; the ones between that no longer exist were rotated away unread.
-        known = [inode for inode, _ in self._order]
-        after = known[known.index(self._inode) + 1 :] if self._inode in known else []
-        sizes = dict(self._order)
-        for inode in after:
-            if inode in inodes:
-                break
-            self.dropped_files += 1
-            self.dropped_bytes += sizes.get(inode, 0)
-            log.warning(
-                "a log file was rotated away before the exporter read it (%d bytes)", sizes.get(inode, 0)
-            )
         if self._buffer:  # a torn last line (never written by JsonLog, which cuts them back)
             self.skipped_lines += 1
             self._buffer = b""
-        candidates = (
-            [inode for inode in inodes if inode not in known[: known.index(self._inode) + 1]]
-            if (self._inode in known)
-            else inodes
-        )
-        self._order = files
-        return bool(candidates) and self._open(candidates[0], 0)
+        following = files[inodes.index(self._inode) + 1 :] if self._inode in inodes else files
+        return bool(following) and self._open(following[0][0][0], 0)
