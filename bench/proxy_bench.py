@@ -2,9 +2,10 @@
 
 One run measures, on this machine:
   1. non-streamed requests (tiny JSON, POST /api/show): requests/s and added latency p50/p99 at one
-     connection (this script's client, sequential keep-alive requests) and at 16 connections (wrk);
-  2. token streams of 200 NDJSON chunks at 32 and 256 concurrent streams, flooded and paced at
-     50 tokens/s: streams/s, added time to first chunk p50/p99, proxy CPU per chunk relayed;
+     connection (this script's client, sequential keep-alive requests) and at 16 connections (wrk),
+     with the proxy's CPU per request and, beside it, its exporter process's;
+  2. token streams of 200 NDJSON chunks, flooded at 32 and 256 concurrent streams and paced at 50 tokens/s
+     at 32, 64 and 256: streams/s, added time to first chunk p50/p99, proxy CPU per chunk relayed;
   3. the proxy's peak RSS holding 1,000 concurrent slow streams, per stream over its idle baseline.
 
 The upstream (bench/upstream.py), the proxy (``python -m otellama serve``) and this load generator are
@@ -186,6 +187,18 @@ class Server:
     def cpu_seconds(self) -> float:
         fields = self._stat()
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+    def children_cpu_seconds(self) -> float:
+        """CPU of the running children (the exporter process ``otellama serve`` supervises)."""
+        total = 0.0
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            for pid in children:
+                with contextlib.suppress(OSError):
+                    text = Path(f"/proc/{pid}/stat").read_text()
+                    fields = text[text.rindex(")") + 2 :].split()
+                    total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return total
 
     def _status_kb(self, key: str) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -630,17 +643,20 @@ class Bench:
         script = workdir / "post.lua"
         script.write_text(WRK_SCRIPT)
         rps, p50, p99 = Paired(), Paired(), Paired()
-        cpu = 0.0
+        cpu = exporter_cpu = 0.0
         requests = errors = 0
         for proxied in (False, True):  # warm-up, not recorded
             await self._wrk(wrk, script, proxied, 1)
         for _ in range(self.plan.wrk_pairs):
             results: dict[bool, WrkResult] = {}
             for proxied in self.order():
-                cpu0 = self.proxy.cpu_seconds()
+                cpu0, exporter0 = self.proxy.cpu_seconds(), self.proxy.children_cpu_seconds()
                 results[proxied] = result = await self._wrk(wrk, script, proxied, self.plan.wrk_seconds)
                 if proxied:
                     cpu += self.proxy.cpu_seconds() - cpu0
+                    # The exporter catches up after the round; what it spent then lands in the next
+                    # round's window, so over the rounds it is counted (all but the last round's tail).
+                    exporter_cpu += self.proxy.children_cpu_seconds() - exporter0
                     requests += result.requests
                 errors += result.errors
             direct, proxy = results[False], results[True]
@@ -661,6 +677,7 @@ class Bench:
                     Row("latency p50", ms(p50.direct_median), ms(p50.proxied_median), ms_diff(p50.diff)),
                     Row("latency p99", ms(p99.direct_median), ms(p99.proxied_median), ms_diff(p99.diff)),
                     Row("proxy CPU per request", proxied=per(cpu, requests)),
+                    Row("exporter process CPU per request", proxied=per(exporter_cpu, requests)),
                 ],
             )
         )
@@ -992,6 +1009,16 @@ async def run(
 ) -> list[Section]:
     with tempfile.TemporaryDirectory(prefix="otellama-bench-") as tmp:
         sink: Server | None = None
+        black_hole: socket.socket | None = None
+        if telemetry == "blackhole":
+            # OTLP configured, but the collector accepts TCP and never answers: what a client sees then.
+            black_hole = socket.create_server((HOST, 0), backlog=4096)
+            proxy_env = {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{HOST}:{black_hole.getsockname()[1]}",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                "OTEL_METRIC_EXPORT_INTERVAL": "5000",
+                **proxy_env,
+            }
         if telemetry == "on":
             # Every sink on: OTLP traces and metrics to a local endpoint, the JSONL log, Prometheus.
             sink = Server("otlp-sink", [sys.executable, str(SINK_SCRIPT)], dict(os.environ), Path(tmp))
@@ -1010,7 +1037,7 @@ async def run(
             ("16 connections", lambda: bench.throughput(wrk, Path(tmp))),
         ]
         for paced in (False, True):
-            for concurrency in (32, 256):
+            for concurrency in (32, 64, 256) if paced else (32, 256):
                 name = f"{'paced' if paced else 'flood'} {concurrency}"
                 phases.append((name, functools.partial(bench.streams, paced, concurrency)))
         phases.append(("memory", bench.memory))
@@ -1030,6 +1057,8 @@ async def run(
             servers.stop_all()
             if sink is not None:
                 sink.stop()
+            if black_hole is not None:
+                black_hole.close()
     return bench.sections
 
 
@@ -1056,16 +1085,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="seed for the order of rounds (default: random)")
     parser.add_argument(
         "--telemetry",
-        choices=("default", "off", "on"),
+        choices=("default", "off", "on", "blackhole"),
         default="default",
         help="off: a proxy that records nothing (the byte path alone); on: every sink, OTLP to a local "
-        "endpoint included; default: `otellama serve` as shipped (JSONL and Prometheus, no OTLP)",
+        "endpoint included; blackhole: as on, with a collector that accepts TCP and never answers; "
+        "default: `otellama serve` as shipped (JSONL and Prometheus, no OTLP)",
     )
     args = parser.parse_args(argv)
     proxy_env = parse_env(args.proxy_env)
-    default_label = {"off": "telemetry off", "on": "telemetry on (OTLP, JSONL, Prometheus)"}.get(
-        args.telemetry
-    )
+    default_label = {
+        "off": "telemetry off",
+        "on": "telemetry on (OTLP, JSONL, Prometheus)",
+        "blackhole": "telemetry on, collector black-holed",
+    }.get(args.telemetry)
     label: str = (
         args.label
         or default_label
