@@ -76,11 +76,11 @@ def _stream() -> list[bytes]:
     return [*lines, orjson.dumps(final) + b"\n"]
 
 
-def _exchange(body: bytes, content_type: bytes) -> Exchange:
+def _exchange(body: bytes, content_type: bytes, path: str = "/api/chat") -> Exchange:
     now = time.perf_counter()
     return Exchange(
         method="POST",
-        path="/api/chat",
+        path=path,
         query=b"",
         request_headers=[(b"content-type", b"application/json"), (b"x-client-name", b"bench")],
         started_at=time.time(),
@@ -92,12 +92,14 @@ def _exchange(body: bytes, content_type: bytes) -> Exchange:
     )
 
 
-def measure(telemetry: Telemetry, chunks: list[bytes], content_type: bytes, exchanges: int) -> float:
+def measure(
+    telemetry: Telemetry, chunks: list[bytes], content_type: bytes, exchanges: int, path: str = "/api/chat"
+) -> float:
     """Process-CPU microseconds per exchange for begin + every chunk + finish."""
     body = orjson.dumps({"model": "llama3.2:3b", "messages": [{"role": "user", "content": "hi"}]})
     start = time.process_time()
     for _ in range(exchanges):
-        exchange = _exchange(body, content_type)
+        exchange = _exchange(body, content_type, path)
         recording = telemetry.begin(exchange)
         feed = recording.observe(exchange)
         now = exchange.t_start
@@ -263,6 +265,12 @@ def main() -> None:
             telemetry.close()
             rows.append(
                 (f"{name}: recorder (ids, observer, record, JSONL line, Prometheus, stats)", whole, streamed)
+            )
+            telemetry, otel = proxy_recorder(environ, Path(tmp) / "show.jsonl")
+            show = measure(telemetry, [b"{}"], b"application/json; charset=utf-8", n, "/api/show")
+            telemetry.close()
+            rows.append(
+                (f"{name}: recorder, POST /api/show (no GenAI operation: proxy_bench's request)", show, show)
             )
             if otel.tracing:
                 call = upstream_call(otel.tracer_provider, n)
