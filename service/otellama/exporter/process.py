@@ -134,8 +134,8 @@ class Exporter:
         )
 
     def step(self) -> int:
-        """Export one batch; returns the lines it held (0: nothing new). Retries until exported or told to
-        drain past its deadline (then raises :class:`TimeoutError`, position unsaved)."""
+        """Export one batch; returns the lines it held (0: nothing new). Retries until exported; raises
+        :class:`_Stop` (position unsaved) when the export fails while shutting down or orphaned."""
         lines, position = self.follower.read(BATCH_LINES)
         if not lines:
             return 0
@@ -148,10 +148,15 @@ class Exporter:
                 continue
             ids = record.ids
             exemplar = (ids.trace_id, ids.genai_span_id or ids.server_span_id) if ids.sampled else None
-            if self.metrics:
-                record_metrics(self.instruments, record, self.cap, exemplar)
-            if self.span_exporters and ids.sampled:
-                spans.extend(render_spans(record, self.resource))
+            try:
+                rendered = render_spans(record, self.resource) if self.span_exporters and ids.sampled else []
+                if self.metrics:
+                    record_metrics(self.instruments, record, self.cap, exemplar)
+            except Exception as exc:  # one line we cannot render must not stop every line after it
+                self.follower.skipped_lines += 1
+                self._complain("a logged record could not be rendered and was skipped: %r", exc)
+                continue
+            spans.extend(rendered)
         if spans:
             self._export(spans)
         self.follower.commit(position)
