@@ -31,7 +31,7 @@ from otellama.proxy.transport import HttpTransport
 from otellama.settings import Settings
 from otellama.sinks.fanout import Sink, Telemetry
 from otellama.sinks.jsonlog import JsonLog, JsonLogSink
-from otellama.sinks.otel.export import selected_exporters
+from otellama.sinks.otel.export import resource, selected_exporters
 from otellama.sinks.otel.sink import OtelSink
 from otellama.sinks.stats import RollingStats, parse_window
 
@@ -131,8 +131,13 @@ class App:
                 tracer_provider=tracer_provider, metric_readers=metric_readers, export_here=not elsewhere
             )
             if elsewhere:
+                instance = resource(environ).attributes.get("service.instance.id")
                 self.supervisor = Supervisor(
-                    settings, environ, self.otel.exporter_failed, self.otel.in_flight_now.copy
+                    settings,
+                    environ,
+                    self.otel.exporter_failed,
+                    self.otel.in_flight_now.copy,
+                    instance_id=str(instance) if instance is not None else None,
                 )
                 self.otel.watch_exporter(
                     self.supervisor.total, lambda: self.supervisor.restarts if self.supervisor else 0

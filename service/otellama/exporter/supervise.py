@@ -49,6 +49,7 @@ class Supervisor:
         environ: Mapping[str, str] | None = None,
         on_failures: Callable[[str, int], None] = lambda signal, batches: None,
         in_flight: Callable[[], Mapping[tuple[tuple[str, str], ...], int]] = dict,
+        instance_id: str | None = None,
     ) -> None:
         if settings.log_file is None:
             raise ValueError("the exporter follows the JSONL log; OTELLAMA_LOG_FILE is off")
@@ -57,6 +58,7 @@ class Supervisor:
         self.restarts = 0
         self._on_failures = on_failures
         self._in_flight = in_flight
+        self.instance_id = instance_id
         self.status: dict[str, int] = {}
         self._earlier: dict[str, int] = {}  # the counters of lives that ended
         self._current: dict[str, int] = {}
@@ -72,6 +74,11 @@ class Supervisor:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         environ = {**self.environ, "OTELLAMA_LOG_FILE": str(self.settings.log_file)}
+        if self.instance_id and "service.instance.id" not in environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+            # One instance, however often the exporter restarts: the proxy's (the SDK draws one per process).
+            attributes = environ.get("OTEL_RESOURCE_ATTRIBUTES", "").strip().strip(",")
+            instance = f"service.instance.id={self.instance_id}"
+            environ["OTEL_RESOURCE_ATTRIBUTES"] = f"{attributes},{instance}" if attributes else instance
         environ["OTELLAMA_LOG_BACKUPS"] = str(self.settings.log_backups)
         return await asyncio.create_subprocess_exec(
             sys.executable,
