@@ -326,6 +326,10 @@ def test_the_follower_reads_across_rotations_in_order_and_counts_what_was_rotate
     missing = set(range(55, 115)) - set(got)
     assert missing and follower.dropped_bytes >= len(missing) * 80
     assert Position(*orjson.loads(follower.state.read_bytes()).values()) == read_position(follower)
+    # logrotate's copytruncate: the file is emptied under both; what is written next is read from its start.
+    os.truncate(path, 0)
+    write(3)
+    assert read_all() == [115, 116, 117]
     writer.close()
 
 

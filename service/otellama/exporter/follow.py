@@ -185,6 +185,11 @@ class LogFollower:
             return False
         chunk = os.read(self._fd, _CHUNK)
         if not chunk:
+            if os.fstat(self._fd).st_size < self._offset + len(self._buffer):
+                # Truncated under us (logrotate's copytruncate): what is there now is new; start over.
+                os.lseek(self._fd, 0, os.SEEK_SET)
+                self._offset, self._buffer = 0, b""
+                return self._fill()
             return False
         self._buffer += chunk
         return True
