@@ -114,8 +114,10 @@ class LogFollower:
         inodes = [inode for inode, _ in files]
         behind = 0
         if self._fd is not None:
+            # From the saved position: lines read into a batch that is not exported yet are still behind.
+            start = self._committed.offset if self._committed.inode == self._inode else 0
             with contextlib.suppress(OSError):
-                behind += os.fstat(self._fd).st_size - self._offset
+                behind += os.fstat(self._fd).st_size - min(start, self._offset)
         if self._inode in inodes:
             behind += sum(size for _, size in files[inodes.index(self._inode) + 1 :])
         return max(behind, 0)
@@ -123,6 +125,7 @@ class LogFollower:
     def commit(self, position: Position) -> None:
         """Save ``position``: every line before it was exported."""
         save_position(self.state, position)
+        self._committed = position
 
     def close(self) -> None:
         if self._fd is not None:
@@ -164,6 +167,7 @@ class LogFollower:
 
     def _resume(self) -> None:
         saved = load_position(self.state)
+        self._committed = saved or Position(0, 0)
         self._known = self._identify()
         if saved is not None and self._open(saved.inode, saved.offset):
             return
