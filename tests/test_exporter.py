@@ -259,6 +259,21 @@ def test_otel_signal_exporter_none_exports_only_the_other_signal(
     assert "Traceback" not in err and "ERROR" not in err
 
 
+def test_otel_traces_exporter_console_prints_the_spans_without_an_endpoint(
+    tmp_path: Path, emulator: str, otellama: Callable[..., Serve]
+) -> None:
+    log_file = tmp_path / "otellama.jsonl"
+    proc = otellama(emulator, log_file, OTEL_TRACES_EXPORTER="console", OTEL_METRICS_EXPORTER="none")
+    traffic(proc.url, 1)
+    (line,) = eventually(lambda: logged(log_file), "the logged line")
+    proc.process.send_signal(signal.SIGTERM)
+    proc.process.wait(20)
+    err = proc.stop()
+    # The SDK's console exporter prints each span as JSON, its trace id as 0x-prefixed hex.
+    assert f'"trace_id": "0x{line["trace_id"]}"' in err
+    assert f'"span_id": "0x{line["trace"]["genai_span_id"]}"' in err
+
+
 def test_disabled_httpx_instrumentation_sends_traceparent_and_no_http_span(
     tmp_path: Path, otellama: Callable[..., Serve]
 ) -> None:

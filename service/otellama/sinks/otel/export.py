@@ -144,9 +144,12 @@ def span_exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
         if name == "otlp":
             found.append(span_exporter(configured_protocol(environ, "traces")))
         else:
+            import sys
+
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-            found.append(ConsoleSpanExporter())
+            # stderr: the exporter process's stdout carries its status to the proxy.
+            found.append(ConsoleSpanExporter(out=sys.stderr))
     return found
 
 
@@ -157,9 +160,11 @@ def metric_exporters(environ: Mapping[str, str]) -> list[MetricExporter]:
         if name == "otlp":
             found.append(metric_exporter(configured_protocol(environ, "metrics")))
         else:
+            import sys
+
             from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
 
-            found.append(ConsoleMetricExporter())
+            found.append(ConsoleMetricExporter(out=sys.stderr))
     return found
 
 
