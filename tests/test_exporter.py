@@ -189,6 +189,26 @@ def test_the_exporter_killed_mid_run_is_restarted_counted_and_loses_nothing(
     assert "the exporter process exited (killed by SIGKILL)" in proc.stop()
 
 
+def test_the_exporter_leaves_with_a_proxy_that_was_killed(
+    tmp_path: Path, emulator: str, otellama: Callable[..., Serve]
+) -> None:
+    # Else a restarted otellama would run two exporters on one log, and send everything twice.
+    with OtlpHttpReceiver() as receiver:
+        proc = otellama(emulator, tmp_path / "otellama.jsonl", OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint)
+        exporter = proc.exporter_pid()
+        proc.process.kill()
+        proc.process.wait(10)
+        eventually(
+            lambda: not Path(f"/proc/{exporter}").exists() or _zombie(exporter), "the exporter to exit"
+        )
+
+
+def _zombie(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return True
+
+
 def test_a_black_holed_collector_holds_up_neither_requests_nor_shutdown_and_loses_nothing(
     tmp_path: Path, emulator: str, otellama: Callable[..., Serve]
 ) -> None:

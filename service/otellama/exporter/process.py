@@ -19,9 +19,11 @@ Each second it writes one JSON line of counters to stdout for the proxy's ``/ote
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -102,7 +104,8 @@ class Exporter:
         self.follower = LogFollower(settings.log_file, settings.log_backups)
         self.draining = threading.Event()
         self._status = status
-        self._parent = os.getppid()
+        #: Set when the proxy's end of our stdin closed: it is gone, and we go too.
+        self.parent_gone = threading.Event()
 
     def listen(self, fd: int) -> None:
         """Read the proxy's in-flight reports from ``fd`` (its stdin), in a thread of its own.
@@ -112,7 +115,7 @@ class Exporter:
         def run() -> None:
             reported: dict[tuple[tuple[str, str], ...], int] = {}
             pending = b""
-            while chunk := os.read(fd, 65536):
+            while chunk := _read(fd):
                 *lines, pending = (pending + chunk).split(b"\n")
                 pending = pending[-_REPORT_LIMIT:]
                 for line in lines[-1:]:  # only the latest report counts
@@ -125,8 +128,15 @@ class Exporter:
                         # Adding 0 makes the series exist: an idle proxy reports 0 in flight, not nothing.
                         self.instruments.in_flight.add(now.get(key, 0) - reported.get(key, 0), key)
                     reported = now
+            # End of the pipe: the proxy is gone (killed, or it closed it to stop us). Only the proxy holds
+            # its other end, so this is the one sure sign: getppid() is no use in a PID namespace, where
+            # the parent can read as 1 from the start.
+            self.parent_gone.set()
+            self.draining.set()
 
-        threading.Thread(target=run, name="in-flight", daemon=True).start()
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):  # asyncio: a pipe; uvloop: a socket pair
+            threading.Thread(target=run, name="in-flight", daemon=True).start()
 
     def _failed(self, signal_name: str) -> None:
         self.counts[f"failed_{signal_name}"] += 1
@@ -199,7 +209,7 @@ class Exporter:
             pause = min(pause * 2, RETRY_MAX)
 
     def _orphaned(self) -> bool:
-        return os.getppid() != self._parent
+        return self.parent_gone.is_set()
 
     def report(self) -> None:
         """One status line for the proxy."""
@@ -246,6 +256,13 @@ class Exporter:
             self.draining.wait(POLL)
 
 
+def _read(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""
+
+
 class _Stop(Exception):
     """Stop exporting now: the proxy is gone, or shutting down while the collector fails."""
 
@@ -265,6 +282,7 @@ def main(environ: Mapping[str, str] | None = None) -> int:
         exporter.draining.set()
 
     signal.signal(signal.SIGTERM, drain)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack on stderr, for a hang
     exporter.listen(sys.stdin.fileno())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the proxy decides when we stop
     return exporter.run()
