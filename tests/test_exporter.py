@@ -189,6 +189,20 @@ def test_the_exporter_killed_mid_run_is_restarted_counted_and_loses_nothing(
     assert "the exporter process exited (killed by SIGKILL)" in proc.stop()
 
 
+def test_an_unwritable_log_directory_with_otlp_on_still_serves(
+    tmp_path: Path, emulator: str, otellama: Callable[..., Serve]
+) -> None:
+    # A file where the log's directory should be: the log sink drops and counts lines; the exporter has
+    # nothing to follow. Neither may stop otellama from starting or answering.
+    (tmp_path / "blocked").write_text("not a directory")
+    with OtlpHttpReceiver() as receiver:
+        proc = otellama(
+            emulator, tmp_path / "blocked" / "otellama.jsonl", OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint
+        )
+        traffic(proc.url, 3)
+        assert proc.metric("otellama_log_failures_total") == 3
+
+
 def test_the_exporter_leaves_with_a_proxy_that_was_killed(
     tmp_path: Path, emulator: str, otellama: Callable[..., Serve]
 ) -> None:

@@ -21,6 +21,8 @@ from typing import Final, NamedTuple
 
 import orjson
 
+from otellama.sinks.complaints import Complaints
+
 log = logging.getLogger(__name__)
 
 #: The longest line the follower reads; longer ones (never written by otellama) are skipped and counted.
@@ -81,6 +83,7 @@ class LogFollower:
         self.dropped_bytes = 0
         self.dropped_files = 0
         self.skipped_lines = 0
+        self._complain = Complaints(log)
         self._fd: int | None = None
         self._inode = 0
         self._offset = 0  # of the first byte not yet returned as part of a line
@@ -123,8 +126,12 @@ class LogFollower:
         return max(behind, 0)
 
     def commit(self, position: Position) -> None:
-        """Save ``position``: every line before it was exported."""
-        save_position(self.state, position)
+        """Save ``position``: every line before it was exported. An unwritable state file is logged and
+        skipped: the lines are exported all the same, and sent again after a restart (at least once)."""
+        try:
+            save_position(self.state, position)
+        except OSError as exc:
+            self._complain("cannot save the exporter's place in the log to %s: %s", self.state, exc)
         self._committed = position
 
     def close(self) -> None:

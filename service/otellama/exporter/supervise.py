@@ -69,7 +69,10 @@ class Supervisor:
     async def start(self) -> None:
         """Start the exporter (after saving "the end of the log" as its place on a first run)."""
         assert self.settings.log_file is not None
-        await asyncio.to_thread(mark_end, self.settings.log_file)
+        try:
+            await asyncio.to_thread(mark_end, self.settings.log_file)
+        except OSError as exc:  # an unwritable log never stops otellama (the log sink says so itself)
+            log.warning("cannot mark the exporter's place in the log %s: %s", self.settings.log_file, exc)
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def _spawn(self) -> asyncio.subprocess.Process:
