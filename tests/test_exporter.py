@@ -123,7 +123,8 @@ def traffic(url: str, count: int, *, stream: bool = False) -> None:
 
 
 def logged(log_file: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in log_file.read_bytes().splitlines() if line.strip()]
+    lines = [orjson.loads(line) for line in log_file.read_bytes().splitlines() if line.strip()[:1] == b"{"]
+    return [line for line in lines if "trace" in line]
 
 
 def span_ids_of(lines: list[dict[str, Any]]) -> set[tuple[str, str]]:
@@ -170,6 +171,8 @@ def test_a_failing_collector_gets_every_span_once_when_it_is_back(
         assert {s.scope_name for s in receiver.spans()} == {"otellama", "opentelemetry.instrumentation.httpx"}
         eventually(lambda: proc.metric("otellama_exporter_backlog_bytes") == 0, "the backlog drained")
         assert proc.metric("otellama_export_failures_total") > 0
+        assert proc.metric("otellama_exporter_skipped_total") == 0
+        assert proc.metric("otellama_exporter_dropped_bytes_total") == 0
 
 
 def test_the_exporter_killed_mid_run_is_restarted_counted_and_loses_nothing(
@@ -201,6 +204,21 @@ def test_an_unwritable_log_directory_with_otlp_on_still_serves(
         )
         traffic(proc.url, 3)
         assert proc.metric("otellama_log_failures_total") == 3
+
+
+def test_a_line_that_is_no_record_is_skipped_and_counted_not_retried_forever(
+    tmp_path: Path, emulator: str, otellama: Callable[..., Serve]
+) -> None:
+    log_file = tmp_path / "otellama.jsonl"
+    with OtlpHttpReceiver() as receiver:
+        proc = otellama(emulator, log_file, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint)
+        traffic(proc.url, 2)
+        with log_file.open("ab") as log:  # someone else's line in our log (or a bug of ours)
+            log.write(b'{"not": "a record"}\nnot even json\n')
+        traffic(proc.url, 2)
+        expected = span_ids_of(logged(log_file))  # the four records, around the two lines
+        eventually(lambda: set(received(receiver)) == expected, "the spans of the lines around them")
+        eventually(lambda: proc.metric("otellama_exporter_skipped_total") == 2, "both lines counted")
 
 
 def test_the_exporter_leaves_with_a_proxy_that_was_killed(

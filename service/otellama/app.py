@@ -132,16 +132,14 @@ class App:
             )
             if elsewhere:
                 instance = resource(environ).attributes.get("service.instance.id")
-                self.supervisor = Supervisor(
+                supervisor = self.supervisor = Supervisor(
                     settings,
                     environ,
                     self.otel.exporter_failed,
                     self.otel.in_flight_now.copy,
                     instance_id=str(instance) if instance is not None else None,
                 )
-                self.otel.watch_exporter(
-                    self.supervisor.total, lambda: self.supervisor.restarts if self.supervisor else 0
-                )
+                self.otel.watch_exporter(supervisor.total, lambda: supervisor.restarts)
             self.rolling = RollingStats()  # GET /otellama/stats: recent exchanges, in bounded memory
             sinks: list[Sink] = []
             if settings.log_file is not None:
@@ -259,7 +257,8 @@ class App:
             left = None
             if grace is not None:
                 began = self._exit_requested_at or time.monotonic()
-                left = max(grace - (time.monotonic() - began), 1.0)
+                # Nothing is lost when that is no time at all: the rest goes out after the next start.
+                left = max(grace - (time.monotonic() - began), 0.0)
             await self.supervisor.stop(left)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

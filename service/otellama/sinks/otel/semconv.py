@@ -162,6 +162,9 @@ EXPORTER_SPANS: Final = Metric("otellama.exporter.spans", "{span}", "Spans the e
 EXPORTER_BACKLOG: Final = Metric(
     "otellama.exporter.backlog", "By", "Bytes of the JSONL log not yet exported (a collector outage grows it)"
 )
+EXPORTER_SKIPPED: Final = Metric(
+    "otellama.exporter.skipped", "{line}", "Log lines the exporter process could not read as a record"
+)
 EXPORTER_DROPPED: Final = Metric(
     "otellama.exporter.dropped",
     "By",

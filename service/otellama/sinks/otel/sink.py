@@ -230,6 +230,7 @@ class OtelSink:
             (semconv.EXPORTER_RESTARTS, restarts),
             (semconv.EXPORTER_SPANS, lambda: counters().get("spans", 0)),
             (semconv.EXPORTER_DROPPED, lambda: counters().get("dropped_bytes", 0)),
+            (semconv.EXPORTER_SKIPPED, lambda: counters().get("skipped_lines", 0)),
         ):
             meter.create_observable_counter(
                 metric.name, observed(value), unit=metric.unit, description=metric.description
