@@ -47,7 +47,11 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/proxy_bench.py --telemetry off --write BENCHMARKS.md
+	$(BIN)/python bench/proxy_bench.py --telemetry default --write BENCHMARKS.md
 	$(BIN)/python bench/proxy_bench.py --telemetry on --write BENCHMARKS.md
+	$(BIN)/python bench/proxy_bench.py --telemetry blackhole --write BENCHMARKS.md
+	$(BIN)/python bench/proxy_bench.py --telemetry on --label "telemetry on, httpx instrumentation disabled" \
+		--proxy-env OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=httpx --write BENCHMARKS.md
 	$(BIN)/python bench/telemetry_bench.py
 
 soak: install

@@ -27,8 +27,9 @@ requests finished and errors (streams and bursts). At the end it counts the JSON
 files) against the requests that reached otellama.
 
 The lag probe also times otellama's garbage collections: with 1,000 streams in flight a full collection
-stops the loop for 50-150 ms now and then (the lag's max, not its p99). ``--gc tuned`` tries
-``gc.freeze()`` and higher thresholds instead (RELIABILITY.md has what that did).
+stops the loop for 50-150 ms now and then (the lag's max, not its p99). otellama, like ``otellama serve``
+since issue 12, runs ``gc.freeze()`` after start-up; ``--gc unfrozen`` runs it without (before/after
+comparison), ``--gc tuned`` adds higher thresholds (RELIABILITY.md has what that did).
 
 Pass: zero lost exchanges (stream lines = streams sent, including any cut in flight, which are logged as
 ``cancelled``; burst lines = burst requests written, exactly, since every answer is waited for), no errors,
@@ -128,9 +129,10 @@ def _gc_timer(phase, info):
         gc_pauses.append((info["generation"], time.perf_counter() - _gc_started[0]))
 
 gc.callbacks.append(_gc_timer)
-if sys.argv[1] == "tuned":  # an experiment (RELIABILITY.md): fewer collections, each one longer
+if sys.argv[1] != "unfrozen":  # as `otellama serve` does since issue 12: the start-up heap out of sight
     gc.collect()
     gc.freeze()
+if sys.argv[1] == "tuned":  # an experiment (RELIABILITY.md): fewer collections, each one longer
     gc.set_threshold(50_000, 50, 100)
 
 async def probe():
@@ -747,10 +749,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--gc",
-        choices=("tuned", "default"),
+        choices=("tuned", "default", "unfrozen"),
         default="default",
-        help="otellama's garbage collector: Python's default, as `otellama serve` runs, or tuned "
-        "(gc.freeze() after start, thresholds 50000/50/100: fewer pauses, but a longer one and more RSS; "
+        help="otellama's garbage collector: default, as `otellama serve` runs (gc.freeze() after start-up, "
+        "Python's thresholds); unfrozen (no gc.freeze(): before issue 12, for comparison); or tuned "
+        "(gc.freeze() and thresholds 50000/50/100: fewer pauses, but a longer one and more RSS; "
         "see RELIABILITY.md)",
     )
     parser.add_argument("--out", type=Path, help="append every second's sample here as a JSON line")

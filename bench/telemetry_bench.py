@@ -1,15 +1,23 @@
-"""CPU that telemetry spends per exchange, measured without a network in the way, part by part.
+"""CPU that telemetry spends per exchange, in the proxy process and in the exporter process, part by part.
+
+Proxy process (``otellama serve``'s own, on the request path or the event loop):
 
 1. **Recorder**: drives ``Telemetry.begin`` and its recording's ``observe``/``finish`` with Ollama-shaped
-   bytes (a 200-chunk NDJSON chat stream and a non-streamed body) exactly as the proxy does, with every sink
-   on: spans handed to a BatchSpanProcessor whose exporter drops them, metrics into the always-on Prometheus
-   reader, the JSONL log on disk.
-2. **Upstream call's span**: opentelemetry-instrumentation-httpx's transport around a transport that answers
-   at once, minus the bare transport: what tracing the upstream HTTP call adds to the request path.
-3. **OTLP encoding**: the OTLP exporter's protobuf encoding of one exchange's spans (its own three and the
-   upstream call's), which the export thread does inside the proxy process.
+   bytes (a 200-chunk NDJSON chat stream and a non-streamed body) exactly as the proxy does, with the sinks
+   ``otellama serve`` builds: the JSONL line written to disk, the Prometheus metrics, the stats window, and
+   (with OTLP configured) the trace ids and the upstream call's span caught for the record. Export is
+   handed over to the exporter process through the log, so no span is rendered and nothing encoded here.
+2. **Upstream call's span**: opentelemetry-instrumentation-httpx's transport around a transport that
+   answers at once, minus the bare transport, with the proxy's tracer provider (its span is caught for the
+   record); and the alternative, ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=httpx``: otellama injects
+   ``traceparent`` itself.
 
-The sum is telemetry's whole CPU per exchange. Process CPU, so other load on the machine matters little.
+Exporter process (``python -m otellama exporter``, off the proxy's path):
+
+3. **Exporter**: reading the logged lines back, rebuilding each record, recording its metrics, rendering its
+   spans and encoding them as OTLP protobuf (the bytes are dropped, not sent): ``Exporter.step`` as it runs.
+
+Process CPU, so other load on the machine matters little. The issue's budget is the proxy process's part.
 
     .venv/bin/python bench/telemetry_bench.py [--exchanges N]
 """
@@ -30,7 +38,6 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.instrumentation.httpx import AsyncOpenTelemetryTransport
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
     SimpleSpanProcessor,
     SpanExporter,
     SpanExportResult,
@@ -69,11 +76,11 @@ def _stream() -> list[bytes]:
     return [*lines, orjson.dumps(final) + b"\n"]
 
 
-def _exchange(body: bytes, content_type: bytes) -> Exchange:
+def _exchange(body: bytes, content_type: bytes, path: str = "/api/chat") -> Exchange:
     now = time.perf_counter()
     return Exchange(
         method="POST",
-        path="/api/chat",
+        path=path,
         query=b"",
         request_headers=[(b"content-type", b"application/json"), (b"x-client-name", b"bench")],
         started_at=time.time(),
@@ -85,12 +92,14 @@ def _exchange(body: bytes, content_type: bytes) -> Exchange:
     )
 
 
-def measure(telemetry: Telemetry, chunks: list[bytes], content_type: bytes, exchanges: int) -> float:
+def measure(
+    telemetry: Telemetry, chunks: list[bytes], content_type: bytes, exchanges: int, path: str = "/api/chat"
+) -> float:
     """Process-CPU microseconds per exchange for begin + every chunk + finish."""
     body = orjson.dumps({"model": "llama3.2:3b", "messages": [{"role": "user", "content": "hi"}]})
     start = time.process_time()
     for _ in range(exchanges):
-        exchange = _exchange(body, content_type)
+        exchange = _exchange(body, content_type, path)
         recording = telemetry.begin(exchange)
         feed = recording.observe(exchange)
         now = exchange.t_start
@@ -154,45 +163,133 @@ def otlp_encoding(spans: list[ReadableSpan], exchanges: int) -> float:
     return (time.process_time() - start) / (rounds * per_batch) * 1e6
 
 
+class _EncodeAndDrop(SpanExporter):
+    """The OTLP exporter's work without the network: encode each batch to protobuf bytes, drop them."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        encode_spans(spans).SerializeToString()
+        return SpanExportResult.SUCCESS
+
+
+def proxy_recorder(environ: dict[str, str], log_file: Path) -> tuple[Telemetry, OtelSink]:
+    """The recorder ``otellama serve`` builds for ``environ``, exporting through the exporter process."""
+    otel = OtelSink(environ=environ, export_here=False)
+    log = JsonLogSink(JsonLog(log_file), otel.log_failed)
+    return Telemetry(Settings(log_file=log_file), otel, [log, otel, RollingStats()], environ={}), otel
+
+
+def upstream_call(provider: TracerProvider | None, exchanges: int) -> float:
+    """CPU microseconds that tracing the upstream call adds: the httpx instrumentation with ``provider``,
+    or (None) otellama's own ``traceparent`` when the instrumentation is disabled."""
+    from otellama.app import TraceparentTransport
+
+    bare = _Answer()
+    traced: httpx.AsyncBaseTransport = (
+        TraceparentTransport(bare)
+        if provider is None
+        else AsyncOpenTelemetryTransport(bare, tracer_provider=provider)
+    )
+    headers = [
+        (b"content-type", b"application/json"), (b"accept", b"application/json"),
+        (b"user-agent", b"ollama-python/0.5.1 (x86_64 linux) Python/3.11.7"), (b"host", b"127.0.0.1:11434"),
+    ]  # fmt: skip
+    url = httpx.URL("http://127.0.0.1:11434/api/chat")
+    parent = SpanContext(1, 2, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+
+    async def run(transport: httpx.AsyncBaseTransport, n: int) -> float:
+        token = context.attach(trace.set_span_in_context(NonRecordingSpan(parent)))
+        start = time.process_time()
+        for _ in range(n):
+            request = httpx.Request("POST", url, headers=headers, content=b'{"model":"m"}')
+            await transport.handle_async_request(request)
+        elapsed = time.process_time() - start
+        context.detach(token)
+        return elapsed / n * 1e6
+
+    async def compare() -> float:
+        await run(traced, 200)
+        await run(bare, 200)
+        return await run(traced, exchanges) - await run(bare, exchanges)
+
+    return asyncio.run(compare())
+
+
+def exporter_step(log_file: Path, environ: dict[str, str], lines: int) -> float:
+    """CPU microseconds per logged exchange in the exporter process (read, rebuild, metrics, spans, OTLP)."""
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from otellama.exporter.follow import Position, save_position, state_path
+    from otellama.exporter.process import Exporter
+
+    save_position(state_path(log_file), Position(log_file.stat().st_ino, 0))
+    exporter = Exporter(
+        Settings(log_file=log_file),
+        environ,
+        span_export=[_EncodeAndDrop()],
+        metric_readers=[InMemoryMetricReader()],
+    )
+    start = time.process_time()
+    done = 0
+    while done < lines and (step := exporter.step()):
+        done += step
+    elapsed = time.process_time() - start
+    exporter.follower.close()
+    return elapsed / max(done, 1) * 1e6
+
+
 def main() -> None:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
     parser.add_argument("--exchanges", type=int, default=3000)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        provider = TracerProvider()
-        provider.add_span_processor(BatchSpanProcessor(_Drop(), max_queue_size=1 << 16))
-        kept = InMemorySpanExporter()
-        provider.add_span_processor(SimpleSpanProcessor(kept))
-        # The sinks otellama serve builds (app.py), with spans kept in memory instead of exported.
-        otel = OtelSink(tracer_provider=provider, environ={})
-        log = JsonLogSink(JsonLog(Path(tmp) / "otellama.jsonl"), otel.log_failed)
-        telemetry = Telemetry(Settings(), otel, [log, otel, RollingStats()], environ={})
-        stream = _stream()
-        nonstream = [stream[-1].rstrip(b"\n")]
-        measure(telemetry, stream, b"application/x-ndjson", 200)  # warm-up
-        kept.clear()
-        streamed = measure(telemetry, stream, b"application/x-ndjson", args.exchanges)
-        stream_spans = list(kept.get_finished_spans())[-6:]  # server, GenAI and four phase spans
-        kept.clear()
-        whole = measure(telemetry, nonstream, b"application/json; charset=utf-8", args.exchanges)
-        own_spans = list(kept.get_finished_spans())[-3:]  # the last exchange's server, GenAI and phase spans
-        telemetry.close()
-    call, call_span = upstream_call_span(args.exchanges)
-    encoding = otlp_encoding(own_spans + call_span, args.exchanges)
-    stream_encoding = otlp_encoding(stream_spans + call_span, args.exchanges)
-    rows = [
-        ("recorder (trace ids, observer, record, spans, metrics, JSONL line)", whole, streamed),
-        ("the upstream call's span (opentelemetry-instrumentation-httpx)", call, call),
-        ("OTLP encoding of the exchange's 4 or 7 spans (export thread)", encoding, stream_encoding),
-    ]
-    print("| telemetry CPU per exchange | non-streamed | 200-chunk stream |")
+    n = args.exchanges
+    stream = _stream()
+    nonstream = [stream[-1].rstrip(b"\n")]
+    configurations = {
+        "default (JSONL + Prometheus)": {},
+        "OTLP traces + metrics + JSONL + Prometheus": {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"},
+    }
+    rows: list[tuple[str, float, float]] = []
+    exporter_rows: list[tuple[str, float, float]] = []
+    for name, environ in configurations.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            telemetry, otel = proxy_recorder(environ, Path(tmp) / "warm.jsonl")
+            measure(telemetry, stream, b"application/x-ndjson", 200)  # warm-up
+            telemetry.close()
+            log_whole, log_stream = Path(tmp) / "whole.jsonl", Path(tmp) / "stream.jsonl"
+            telemetry, otel = proxy_recorder(environ, log_whole)
+            whole = measure(telemetry, nonstream, b"application/json; charset=utf-8", n)
+            telemetry.close()
+            telemetry, otel = proxy_recorder(environ, log_stream)
+            streamed = measure(telemetry, stream, b"application/x-ndjson", n)
+            telemetry.close()
+            rows.append(
+                (f"{name}: recorder (ids, observer, record, JSONL line, Prometheus, stats)", whole, streamed)
+            )
+            telemetry, otel = proxy_recorder(environ, Path(tmp) / "show.jsonl")
+            show = measure(telemetry, [b"{}"], b"application/json; charset=utf-8", n, "/api/show")
+            telemetry.close()
+            rows.append(
+                (f"{name}: recorder, POST /api/show (no GenAI operation: proxy_bench's request)", show, show)
+            )
+            if otel.tracing:
+                call = upstream_call(otel.tracer_provider, n)
+                rows.append((f"{name}: the upstream call's span (httpx instrumentation)", call, call))
+                own = upstream_call(None, n)
+                rows.append((f"{name}, httpx instrumentation disabled: traceparent by otellama", own, own))
+                exporter_rows.append(
+                    (name, exporter_step(log_whole, environ, n), exporter_step(log_stream, environ, n))
+                )
+    print("Proxy process (budget ≤ 60 µs per exchange):\n")
+    print("| telemetry CPU per exchange, proxy process | non-streamed | 200-chunk stream |")
     print("|---|---:|---:|")
     for name, one, many in rows:
         print(f"| {name} | {one:.0f} µs | {many:.0f} µs |")
-    total, stream_total = whole + call + encoding, streamed + call + stream_encoding
-    print(f"| **total** | **{total:.0f} µs** | **{stream_total:.0f} µs** |")
-    print(f"\nper chunk, the stream observer: {(streamed - whole) / 199:.2f} µs")
+    print("\nExporter process (off the proxy's path):\n")
+    print("| exporter CPU per exchange (line, record, metrics, spans, OTLP) | non-streamed | stream |")
+    print("|---|---:|---:|")
+    for name, one, many in exporter_rows:
+        print(f"| {name} | {one:.0f} µs | {many:.0f} µs |")
 
 
 if __name__ == "__main__":

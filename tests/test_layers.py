@@ -114,6 +114,18 @@ RULES = [
             "otellama.cli",
         ),
     ),
+    # The exporter process renders records from the log with the sinks; never the byte path or the tools.
+    (
+        "otellama.exporter",
+        (
+            "otellama.proxy",
+            "otellama.tools",
+            "otellama.emulator",
+            "otellama.demo",
+            "otellama.app",
+            "otellama.cli",
+        ),
+    ),
     # The shared vocabulary depends on nothing of ours.
     ("otellama.exchange", ("otellama.",)),
     ("otellama.settings", ("otellama.",)),

@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import re
 import secrets
 import socket
 import threading
@@ -83,13 +84,6 @@ METRIC_ATTRIBUTE_KEYS = {
     "gen_ai.token.type",
 }
 # The SDK's own span export queue metrics (exportqueue.py turns them on), with the SDK's attributes.
-SDK_QUEUE_METRICS = (
-    "otel.sdk.processor.span.processed",
-    "otel.sdk.processor.span.queue.size",
-    "otel.sdk.processor.span.queue.capacity",
-)
-SDK_QUEUE_ATTRIBUTE_KEYS = {"otel.component.type", "otel.component.name", "error.type"}
-DEFAULT_SPAN_QUEUE = 2048  # OTEL_BSP_MAX_QUEUE_SIZE's default
 PHASES = ("ollama.queue", "ollama.load", "ollama.prompt_eval", "ollama.eval")
 PHASE_NS = {
     "ollama.queue": "ollama.queue_duration_ns",
@@ -428,9 +422,8 @@ def test_spans_continue_the_callers_trace_and_nest_correctly(scenario: Scenario)
 
 def _metrics_complete(receiver: OtlpReceiver[Any]) -> bool:
     names = {p.name for p in receiver.metrics()}
-    wanted = set(SPEC_BUCKETS) | set(OLLAMA_HISTOGRAMS) | set(COUNTERS) | set(SDK_QUEUE_METRICS)
-    handed = total(receiver, "otel.sdk.processor.span.processed")  # spans the queue gave the exporter
-    return wanted <= names and total(receiver, "ollama.requests") == 2 and handed > 0
+    wanted = set(SPEC_BUCKETS) | set(OLLAMA_HISTOGRAMS) | set(COUNTERS)
+    return wanted <= names and total(receiver, "ollama.requests") == 2
 
 
 def test_metrics_arrive_with_spec_buckets_low_cardinality_attributes_and_exemplars(
@@ -465,8 +458,7 @@ def test_metrics_arrive_with_spec_buckets_low_cardinality_attributes_and_exempla
     # Low cardinality: only the agreed keys, and nothing per request (no ids, no prompt text).
     for point in points:
         assert point.resource["service.name"] == "otellama"
-        keys = SDK_QUEUE_ATTRIBUTE_KEYS if point.name in SDK_QUEUE_METRICS else METRIC_ATTRIBUTE_KEYS
-        assert set(point.attributes) <= keys, (point.name, point.attributes)
+        assert set(point.attributes) <= METRIC_ATTRIBUTE_KEYS, (point.name, point.attributes)
         for value in point.attributes.values():
             assert s.prompt not in str(value)
             assert not any(trace_id in str(value) for trace_id in genai)
@@ -488,10 +480,13 @@ def test_metrics_arrive_with_spec_buckets_low_cardinality_attributes_and_exempla
     chat_op = {"gen_ai.operation.name": "chat", "gen_ai.request.model": MODEL, "otellama.client": "wire"}
     assert total(receiver, "ollama.cold_starts") == 1
     assert total(receiver, "ollama.cold_starts", **chat_op) == 1
-    assert total(receiver, "ollama.requests.in_flight") == 0
-    # The span export queue, as the SDK reports it: its bound, and nothing dropped.
-    assert total(receiver, "otel.sdk.processor.span.queue.capacity") == DEFAULT_SPAN_QUEUE
-    assert total(receiver, "otel.sdk.processor.span.processed", **{"error.type": "queue_full"}) == 0
+    # The proxy tells the exporter process the in-flight gauge once a second: it reaches 0 soon after.
+    eventually(lambda: latest(receiver.metrics("ollama.requests.in_flight")), "the in-flight gauge")
+    eventually(lambda: total(receiver, "ollama.requests.in_flight") == 0, "nothing in flight")
+    # The exporter process exported every span once and dropped nothing (its counters, on the scrape).
+    exported = lambda: scrape(s.url)["otellama_exporter_spans"].samples[0].value  # noqa: E731
+    eventually(lambda: exported() == len(receiver.spans()), "the exporter's count of the spans received")
+    assert scrape(s.url)["otellama_exporter_dropped_bytes"].samples[0].value == 0
     eval_seconds = (s.chat_final.eval_duration + s.generated.eval_duration) / 1e9
     assert histogram_totals(receiver, "ollama.eval.duration")[1] == pytest.approx(eval_seconds)
 
@@ -556,9 +551,11 @@ def test_prometheus_scrape_has_the_same_histograms_and_counts(scenario: Scenario
     assert sum(s.value for s in totals) == 2
     assert {s.labels["otellama_outcome"] for s in totals} == {"ok"}
     assert {s.labels["gen_ai_request_model"] for s in totals} == {MODEL}
-    # The span export queue's bound, from the SDK's own metric (exportqueue.py), on the scrape too.
-    capacity = families["otel_sdk_processor_span_queue_capacity"]
-    assert [s.value for s in capacity.samples] == [DEFAULT_SPAN_QUEUE]
+    # The exporter process's place in the log, on the scrape: nothing left behind, nothing dropped.
+    eventually(
+        lambda: scrape(scenario.url)["otellama_exporter_backlog_bytes"].samples[0].value == 0, "no backlog"
+    )
+    assert families["otellama_exporter_dropped_bytes"].samples[0].value == 0
 
 
 # --- 4: a dozen mixed exchanges, three renderings that agree ---------------------------------------------
@@ -677,10 +674,11 @@ def test_a_down_or_slow_collector_never_touches_requests(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
     collector: str,
     protocol: str,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="otellama")
+    caplog.set_level(logging.WARNING)
     log_file = tmp_path / "otellama.jsonl"
     hello = [{"role": "user", "content": "hi"}]
     emulator = fast_emulator()
@@ -713,11 +711,19 @@ def test_a_down_or_slow_collector_never_touches_requests(
 
             eventually(lambda: set(failed()) == {"traces", "metrics"}, "both signals to count failures")
             eventually(lambda: requests_scraped(url) == 6, "every request in the scrape")
+            # One line, whoever logs it: the exporter process (its stderr) or this one (caplog).
             complaints = [
-                r for r in caplog.records if r.name.startswith("otellama") and r.levelno >= logging.WARNING
+                r.getMessage()
+                for r in caplog.records
+                if r.name.startswith(("otellama", "opentelemetry")) and r.levelno >= logging.WARNING
             ]
-            assert len(complaints) == 1, [r.getMessage() for r in complaints]
-            assert "export" in complaints[0].getMessage()
+            complaints += [
+                line
+                for line in capfd.readouterr().err.splitlines()
+                if re.search(r" (WARNING|ERROR|CRITICAL) (otellama|opentelemetry)", line)
+            ]
+            assert len(complaints) == 1, complaints
+            assert "export" in complaints[0]
             if collector == "slow":
                 assert receiver.attempts() > 0  # it did reach the collector, which answered too late
     assert len(read_jsonl(log_file)) == 6

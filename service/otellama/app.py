@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Sequence
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -21,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from otellama import __version__
 from otellama.exchange import Recorder
+from otellama.exporter.supervise import Supervisor
 from otellama.proxy.auth import ADMIN_PREFIX, Gate
 from otellama.proxy.forward import Proxy
 from otellama.proxy.hosts import HostPool
@@ -29,6 +33,7 @@ from otellama.proxy.transport import HttpTransport
 from otellama.settings import Settings
 from otellama.sinks.fanout import Sink, Telemetry
 from otellama.sinks.jsonlog import JsonLog, JsonLogSink
+from otellama.sinks.otel.export import resource, selected_exporters
 from otellama.sinks.otel.sink import OtelSink
 from otellama.sinks.stats import RollingStats, parse_window
 
@@ -68,6 +73,30 @@ class UpstreamProbe:
         await self.client.aclose()
 
 
+def disabled_instrumentations(environ: Mapping[str, str]) -> frozenset[str]:
+    """``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` as opentelemetry-instrument reads it (comma-separated)."""
+    raw = environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "")
+    return frozenset(name.strip() for name in raw.split(",") if name.strip())
+
+
+class TraceparentTransport(httpx.AsyncBaseTransport):
+    """Sends the exchange's trace context to Ollama (``traceparent``, and whatever ``OTEL_PROPAGATORS``
+    adds) when the httpx instrumentation is disabled: no span of the upstream call, the same headers."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        from opentelemetry.propagate import inject
+
+        self._inner = inner
+        self._inject = inject
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self._inject(request.headers)
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class App:
     """otellama's ASGI application. Everything it talks to can be injected, so tests need no patching."""
 
@@ -87,8 +116,32 @@ class App:
         self.otel: OtelSink | None = None
         self.rolling: RollingStats | None = None
         self.transport = transport or HttpTransport()
+        #: The exporter process, when spans and metrics are exported from the log (see otellama.exporter).
+        self.supervisor: Supervisor | None = None
+        self._exit_requested_at: float | None = None
         if recorder is None:
-            self.otel = OtelSink(tracer_provider=tracer_provider, metric_readers=metric_readers)
+            environ = os.environ
+            # Export moves to a process of its own when there is something to export and a log to follow;
+            # an injected provider or reader is the caller's, in this process.
+            elsewhere = (
+                tracer_provider is None
+                and not metric_readers
+                and settings.log_file is not None
+                and bool(selected_exporters(environ, "traces") or selected_exporters(environ, "metrics"))
+            )
+            self.otel = OtelSink(
+                tracer_provider=tracer_provider, metric_readers=metric_readers, export_here=not elsewhere
+            )
+            if elsewhere:
+                instance = resource(environ).attributes.get("service.instance.id")
+                supervisor = self.supervisor = Supervisor(
+                    settings,
+                    environ,
+                    self.otel.exporter_failed,
+                    self.otel.in_flight_now.copy,
+                    instance_id=str(instance) if instance is not None else None,
+                )
+                self.otel.watch_exporter(supervisor.total, lambda: supervisor.restarts)
             self.rolling = RollingStats()  # GET /otellama/stats: recent exchanges, in bounded memory
             sinks: list[Sink] = []
             if settings.log_file is not None:
@@ -98,7 +151,9 @@ class App:
                 sinks.append(JsonLogSink(log_file, self.otel.log_failed))
             sinks += [self.otel, self.rolling]
             recorder = self.telemetry = Telemetry(settings, self.otel, sinks)
-            if self.otel.tracing:
+            if self.otel.tracing and "httpx" in disabled_instrumentations(environ):
+                self.transport = TraceparentTransport(self.transport)
+            elif self.otel.tracing:
                 # Traces the upstream call and sends its traceparent to Ollama.
                 self.transport = AsyncOpenTelemetryTransport(
                     self.transport, tracer_provider=self.otel.tracer_provider
@@ -193,6 +248,25 @@ class App:
         self.hosts.bind(loop)
         if self.hosts.routing:
             self._background.append(loop.create_task(self.hosts.run()))
+        if self.supervisor is not None:
+            await self.supervisor.start()
+            self._note_exit_request()
+
+    def _note_exit_request(self) -> None:
+        """Remember when SIGTERM/SIGINT came (uvicorn's handler is in place by now), so the exporter gets
+        what is left of the shutdown grace once the requests drained, not a grace of its own."""
+        for number in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(number)
+            if not callable(previous):
+                continue
+
+            def noted(signum: int, frame: Any, previous: Any = previous) -> None:
+                if self._exit_requested_at is None:
+                    self._exit_requested_at = time.monotonic()
+                previous(signum, frame)
+
+            with contextlib.suppress(ValueError):  # not the main thread (tests' in-thread servers)
+                signal.signal(number, noted)
 
     async def shutdown(self) -> None:
         for task in self._background:
@@ -206,6 +280,15 @@ class App:
         if self.telemetry is not None:
             # Flushing exporters blocks on the network; keep the loop free while it does.
             await asyncio.to_thread(self.telemetry.close)
+        if self.supervisor is not None:
+            # The log is complete and closed: the exporter sends it to the end, within the grace left.
+            grace = self.settings.shutdown_grace
+            left = None
+            if grace is not None:
+                began = self._exit_requested_at or time.monotonic()
+                # Nothing is lost when that is no time at all: the rest goes out after the next start.
+                left = max(grace - (time.monotonic() - began), 0.0)
+            await self.supervisor.stop(left)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

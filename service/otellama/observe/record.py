@@ -47,6 +47,60 @@ class TraceIds:
     phase_span_ids: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class CallSpan:
+    """The span of the upstream HTTP call, as opentelemetry-instrumentation-httpx made it in the proxy.
+
+    It travels in the record (and its JSONL line) so that the process that exports spans renders it with
+    the others, and replay with them too. Attribute values are what OpenTelemetry allows (str, bool, int,
+    float, or lists of one of these).
+    """
+
+    span_id: int
+    parent_span_id: int
+    name: str
+    kind: str
+    start_ns: int
+    end_ns: int
+    attributes: Mapping[str, Any]
+    #: ``UNSET``, ``OK`` or ``ERROR``, and the error's description.
+    status: str = "UNSET"
+    status_description: str | None = None
+    scope_name: str = ""
+    scope_version: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "span_id": _hex(self.span_id, 16),
+            "parent_span_id": _hex(self.parent_span_id, 16),
+            "name": self.name,
+            "kind": self.kind,
+            "start_ns": self.start_ns,
+            "end_ns": self.end_ns,
+            "attributes": dict(self.attributes),
+            "status": self.status,
+            "status_description": self.status_description,
+            "scope": {"name": self.scope_name, "version": self.scope_version},
+        }
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> CallSpan:
+        scope = value.get("scope") or {}
+        return cls(
+            span_id=int(value["span_id"], 16),
+            parent_span_id=int(value["parent_span_id"], 16),
+            name=str(value["name"]),
+            kind=str(value["kind"]),
+            start_ns=int(value["start_ns"]),
+            end_ns=int(value["end_ns"]),
+            attributes=dict(value.get("attributes") or {}),
+            status=str(value.get("status") or "UNSET"),
+            status_description=value.get("status_description"),
+            scope_name=str(scope.get("name") or ""),
+            scope_version=scope.get("version"),
+        )
+
+
 def _ms(ns: int | None) -> float | None:
     return None if ns is None else round(ns / 1e6, 3)
 
@@ -108,6 +162,8 @@ class Record:
     route: str | None = None
     #: Hosts tried before the one that answered: (name, reason, epoch ns when it was left).
     retries: tuple[tuple[str, str, int], ...] = ()
+    #: The upstream HTTP call's span, when the httpx instrumentation traced it.
+    upstream_span: CallSpan | None = None
 
     # --- derived once, here, for every sink -------------------------------------------------------------
     @property
@@ -252,6 +308,8 @@ class Record:
                 "phase_span_ids": {name: _hex(value, 16) for name, value in ids.phase_span_ids.items()},
             },
         }
+        if self.upstream_span is not None:
+            line["trace"]["upstream_span"] = self.upstream_span.to_json()
         if r.input_messages is not None:
             line["input_messages"] = list(r.input_messages)
         if self.output_messages is not None:
@@ -330,6 +388,7 @@ class Record:
                 (str(retry["upstream"]), str(retry["reason"]), int(retry["at_ns"]))
                 for retry in line.get("retries") or ()
             ),
+            upstream_span=CallSpan.from_json(trace["upstream_span"]) if trace.get("upstream_span") else None,
         )
 
 
@@ -390,6 +449,7 @@ def build(
     client_header: bytes,
     cold_start_seconds: float,
     capture_content: bool,
+    upstream_span: CallSpan | None = None,
 ) -> Record:
     """Make the record of a finished exchange. Pure: the same inputs give the same record."""
     endpoint = ollama.endpoint_for(exchange.method, exchange.path)
@@ -465,4 +525,5 @@ def build(
         retries=tuple(
             (retry.upstream, retry.reason, epoch(retry.at) or start_ns) for retry in exchange.retries
         ),
+        upstream_span=upstream_span,
     )

@@ -91,6 +91,7 @@ class Telemetry:
             client_header=self._client_header,
             cold_start_seconds=self.settings.cold_start_seconds,
             capture_content=self.capture,
+            upstream_span=self.otel.upstream_span(ids),
         )
         self.render(record)
 

@@ -3,9 +3,9 @@
 Each JSONL line is read back into its :class:`~otellama.observe.record.Record` and rendered by the very
 function that rendered it live, :func:`otellama.sinks.otel.spans.render_spans`: the server span, the GenAI
 span and the phase spans come out with their original trace ids, span ids, parents, timestamps, attributes and
-status, under the same resource (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``). Only the span of the
-upstream HTTP call (made by the httpx instrumentation, not from the record) is not in the log, so it is not
-replayed.
+status, under the same resource (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``). The span of the
+upstream HTTP call (made by the httpx instrumentation) travels in the record (``trace.upstream_span``), so it
+is replayed too; lines logged before it did have none.
 
 Export goes where live export goes, configured by the standard variables (``OTEL_EXPORTER_OTLP_ENDPOINT``
 or ``..._TRACES_ENDPOINT``, ``..._PROTOCOL``, ``..._HEADERS``, ``..._TIMEOUT``, ...). Spans are exported in

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 from opentelemetry.sdk.resources import Resource
@@ -97,6 +97,118 @@ def otlp_protocol(environ: Mapping[str, str], signal: str) -> str | None:
         _env(environ, f"OTEL_EXPORTER_OTLP_{upper}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
         or "http/protobuf"
     )
+
+
+#: The exporter names ``OTEL_TRACES_EXPORTER`` and ``OTEL_METRICS_EXPORTER`` may list (the SDK's, less
+#: ``prometheus``: otellama's Prometheus text is always on ``/otellama/metrics``).
+EXPORTER_NAMES: Final = ("otlp", "console", "none")
+
+
+def selected_exporters(environ: Mapping[str, str], signal: str) -> tuple[str, ...]:
+    """The exporters chosen for ``signal`` (traces, metrics): ``otlp`` and/or ``console``, or none.
+
+    ``OTEL_TRACES_EXPORTER``/``OTEL_METRICS_EXPORTER`` as the SDK documents them: a comma-separated list of
+    ``otlp``, ``console``, ``none`` (``none`` wins). Unset, otellama keeps its promise that a laptop without a
+    collector gets no error spam: ``otlp`` only when an OTLP endpoint is configured. ``OTEL_SDK_DISABLED``
+    turns every exporter off. Unknown names are logged and ignored.
+    """
+    if disabled(environ):
+        return ()
+    raw = environ.get(f"OTEL_{signal.upper()}_EXPORTER", "").strip().lower()
+    if not raw:
+        return ("otlp",) if otlp_protocol(environ, signal) is not None else ()
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    if "none" in names:
+        return ()
+    for name in names:
+        if name not in EXPORTER_NAMES:
+            log.warning(
+                "OTEL_%s_EXPORTER: %r is not supported (otlp, console, none); ignored", signal.upper(), name
+            )
+    return tuple(dict.fromkeys(name for name in names if name in ("otlp", "console")))
+
+
+def configured_protocol(environ: Mapping[str, str], signal: str) -> str:
+    """The OTLP protocol for ``signal`` whether or not an endpoint is set (the exporter's default then)."""
+    upper = signal.upper()
+    return (
+        _env(environ, f"OTEL_EXPORTER_OTLP_{upper}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    )
+
+
+def span_exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
+    """The span exporters ``OTEL_TRACES_EXPORTER`` selects (see :func:`selected_exporters`)."""
+    found: list[SpanExporter] = []
+    for name in selected_exporters(environ, "traces"):
+        if name == "otlp":
+            found.append(span_exporter(configured_protocol(environ, "traces")))
+        else:
+            import sys
+
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            # stderr: the exporter process's stdout carries its status to the proxy.
+            found.append(ConsoleSpanExporter(out=sys.stderr))
+    return found
+
+
+def metric_exporters(environ: Mapping[str, str]) -> list[MetricExporter]:
+    """The metric exporters ``OTEL_METRICS_EXPORTER`` selects (see :func:`selected_exporters`)."""
+    found: list[MetricExporter] = []
+    for name in selected_exporters(environ, "metrics"):
+        if name == "otlp":
+            found.append(metric_exporter(configured_protocol(environ, "metrics")))
+        else:
+            import sys
+
+            from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+            found.append(ConsoleMetricExporter(out=sys.stderr))
+    return found
+
+
+class SdkExportLines(logging.Filter):
+    """Holds back the SDK exporters' warnings and errors, keeping the latest for otellama's own complaint.
+
+    The README promises that a failing collector is logged at most once a minute, whoever logs it. The
+    SDK's exporters log every failed attempt (and retry); otellama logs one line a minute that says what
+    to check, and with this filter that line carries the SDK's latest reason (:meth:`latest`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._latest: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        self._latest = record.getMessage()[:500]
+        return False
+
+    def latest(self) -> str:
+        """``": <the SDK's latest failure line>"``, or nothing if it logged none."""
+        return f": {self._latest}" if self._latest else ""
+
+
+#: The loggers of the SDK's exporters and export helpers (:func:`quiet_sdk_exporters` holds their lines).
+SDK_EXPORT_LOGGERS: Final = (
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.sdk.metrics._internal.export",
+    "opentelemetry.sdk._shared_internal",
+)
+_SDK_LINES = SdkExportLines()
+
+
+def quiet_sdk_exporters() -> SdkExportLines:
+    """Put the one :class:`SdkExportLines` filter on each of :data:`SDK_EXPORT_LOGGERS`; return it."""
+    for name in SDK_EXPORT_LOGGERS:
+        logger = logging.getLogger(name)
+        if _SDK_LINES not in logger.filters:
+            logger.addFilter(_SDK_LINES)
+    return _SDK_LINES
 
 
 def span_exporter(protocol: str, endpoint: str | None = None) -> SpanExporter:

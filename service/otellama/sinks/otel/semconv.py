@@ -171,6 +171,22 @@ EXPORT_FAILURES: Final = Metric(
 )
 LOG_FAILURES: Final = Metric("otellama.log.failures", "{line}", "JSONL lines that could not be written")
 SIGNAL: Final = "otellama.signal"  # traces | metrics, on EXPORT_FAILURES
+# The exporter process (otellama.exporter), seen from the proxy that supervises it:
+EXPORTER_RESTARTS: Final = Metric(
+    "otellama.exporter.restarts", "{restart}", "Times the exporter process died and was started again"
+)
+EXPORTER_SPANS: Final = Metric("otellama.exporter.spans", "{span}", "Spans the exporter process exported")
+EXPORTER_BACKLOG: Final = Metric(
+    "otellama.exporter.backlog", "By", "Bytes of the JSONL log not yet exported (a collector outage grows it)"
+)
+EXPORTER_SKIPPED: Final = Metric(
+    "otellama.exporter.skipped", "{line}", "Log lines the exporter process could not read as a record"
+)
+EXPORTER_DROPPED: Final = Metric(
+    "otellama.exporter.dropped",
+    "By",
+    "Bytes of the JSONL log rotated away before they were exported (past the log's size bound)",
+)
 
 # --- the SDK's span export queue (exportqueue.py turns these on; the SDK creates and records them) --------
 SPAN_PROCESSED: Final = otel_metrics.OTEL_SDK_PROCESSOR_SPAN_PROCESSED  # handed to the exporter, or dropped

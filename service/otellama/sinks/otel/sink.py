@@ -15,7 +15,7 @@ import contextvars
 import logging
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -30,7 +30,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFl
 
 from otellama.exchange import Exchange
 from otellama.observe.ollama import Endpoint
-from otellama.observe.record import Record, TraceIds
+from otellama.observe.record import CallSpan, Record, TraceIds
 from otellama.sinks.capper import Capper
 from otellama.sinks.complaints import Complaints
 from otellama.sinks.otel import semconv
@@ -39,15 +39,16 @@ from otellama.sinks.otel.export import (
     CountingMetricExporter,
     CountingSpanExporter,
     disabled,
-    metric_exporter,
-    otlp_protocol,
+    metric_exporters,
+    quiet_sdk_exporters,
     resource,
-    span_exporter,
+    selected_exporters,
+    span_exporters,
 )
 from otellama.sinks.otel.exportqueue import CountedBatchSpanProcessor
 from otellama.sinks.otel.hosts import HostGauges, HostStates
 from otellama.sinks.otel.metrics import Instruments, record_metrics
-from otellama.sinks.otel.spans import PHASE_SPANS, SCOPE, render_spans
+from otellama.sinks.otel.spans import PHASE_SPANS, SCOPE, call_span, render_spans
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class OtelSink:
         tracer_provider: TracerProvider | None = None,
         metric_readers: Sequence[MetricReader] = (),
         environ: Mapping[str, str] | None = None,
+        export_here: bool = True,
     ) -> None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import CollectorRegistry
@@ -81,12 +83,14 @@ class OtelSink:
         self._own_providers: list[Any] = []
         self.registry = CollectorRegistry()
         readers: list[MetricReader] = [PrometheusMetricReader(registry=self.registry), *metric_readers]
-        metrics_protocol = otlp_protocol(env, "metrics")
-        if metrics_protocol is not None:
-            exporter = CountingMetricExporter(metric_exporter(metrics_protocol), self._export_failed)
+        metric_export = metric_exporters(env) if export_here else []
+        for metric_exporter_ in metric_export:
+            exporter = CountingMetricExporter(metric_exporter_, self._export_failed)
             readers.append(PeriodicExportingMetricReader(exporter))
+        if metric_export:
+            quiet_sdk_exporters()
         # Exemplars only travel over OTLP (the Prometheus reader drops them): don't pay for them otherwise.
-        wanted = metrics_protocol is not None or bool(metric_readers)
+        wanted = bool(metric_export) or bool(metric_readers)
         metrics_resource = resource(env)
         self.meter_provider = meter_provider = SdkMeterProvider(
             metric_readers=readers,
@@ -100,13 +104,19 @@ class OtelSink:
                 self.aggregates.attach(reader)
         self.instruments = Instruments(meter_provider.get_meter(SCOPE.name, SCOPE.version), self.aggregates)
 
-        traces_protocol = otlp_protocol(env, "traces")
-        tracing = tracer_provider is not None or traces_protocol is not None
+        traces_wanted = bool(selected_exporters(env, "traces"))
+        tracing = tracer_provider is not None or traces_wanted
+        #: The upstream call's spans, caught for the record when another process exports (None otherwise).
+        self.calls: _CallSpans | None = None
         if tracer_provider is None:
             tracer_provider = TracerProvider(resource=resource(env))
             self._own_providers.append(tracer_provider)
-            if traces_protocol is not None:
-                exporter_ = CountingSpanExporter(span_exporter(traces_protocol), self._export_failed)
+            if not export_here and traces_wanted:
+                self.calls = _CallSpans()
+                tracer_provider.add_span_processor(self.calls)
+            for span_exporter_ in span_exporters(env) if export_here else []:
+                quiet_sdk_exporters()
+                exporter_ = CountingSpanExporter(span_exporter_, self._export_failed)
                 # A bounded queue (a dead collector cannot grow memory) whose drops are counted.
                 tracer_provider.add_span_processor(CountedBatchSpanProcessor(exporter_, meter_provider))
         self.tracer_provider = tracer_provider
@@ -115,10 +125,16 @@ class OtelSink:
         # by OTEL_SDK_DISABLED hands out a no-op tracer, which has none.
         tracer = tracer_provider.get_tracer(SCOPE.name, SCOPE.version)
         self._spans: SpanProcessor | None = getattr(tracer, "span_processor", None) if tracing else None
+        #: Whether the upstream call is traced and ``traceparent`` sent (the exporting process renders spans).
+        self.propagating = tracing and (self._spans is not None or not export_here)
+        if not export_here:
+            self._spans = None
         self._resource = getattr(tracer, "resource", None) or resource(env)
-        #: Whether spans are recorded (and the upstream call is traced, carrying ``traceparent``).
-        self.tracing = self._spans is not None
+        #: Whether spans are recorded here (and the upstream call is traced, carrying ``traceparent``).
+        self.tracing = self._spans is not None or self.propagating
         self.cap = Capper()
+        #: Requests in flight now, by operation: what the exporter process reports as the in-flight gauge.
+        self.in_flight_now: dict[Key, int] = {}
         self._random = random.Random()
         # The headers the configured propagators (OTEL_PROPAGATORS) read: traceparent, tracestate, baggage.
         self._trace_headers = frozenset(f.lower().encode("latin-1") for f in get_global_textmap().fields)
@@ -133,6 +149,8 @@ class OtelSink:
         so that the traced upstream call becomes a child of the GenAI span-to-be."""
         operation: Key = ((semconv.OPERATION, endpoint.operation),) if endpoint is not None else ()
         self.instruments.in_flight.add(1, operation)
+        in_flight = self.in_flight_now
+        in_flight[operation] = in_flight.get(operation, 0) + 1
         parent_context = None
         parent = trace.INVALID_SPAN_CONTEXT
         fields = self._trace_headers
@@ -168,6 +186,7 @@ class OtelSink:
     def stop(self, started: Started) -> TraceIds:
         """The exchange is over: no longer in flight; its ids, with the phase spans' drawn if it has any."""
         self.instruments.in_flight.add(-1, started.operation)
+        self.in_flight_now[started.operation] -= 1
         if started.token is not None:
             otel_context.detach(started.token)
         ids = started.ids
@@ -178,6 +197,12 @@ class OtelSink:
                 {name: draw(64) for name in PHASE_SPANS},
             )  # fmt: skip
         return ids
+
+    def upstream_span(self, ids: TraceIds) -> CallSpan | None:
+        """The upstream call's span of the exchange with ``ids``, if it was traced and is to travel."""
+        if self.calls is None:
+            return None
+        return self.calls.pop(ids.trace_id, ids.genai_span_id or ids.server_span_id)
 
     # --- the sink ----------------------------------------------------------------------------------------
     def write(self, record: Record) -> None:
@@ -192,6 +217,40 @@ class OtelSink:
             ids = record.ids
             exemplar = (ids.trace_id, ids.genai_span_id or ids.server_span_id)
         record_metrics(self.instruments, record, self.cap, exemplar)
+
+    def watch_exporter(self, counters: Callable[[], Mapping[str, int]], restarts: Callable[[], int]) -> None:
+        """Show the exporter process's ``counters`` (its status, summed over its lives) and ``restarts`` on
+        this sink's metrics; read when the metrics are collected, never per exchange."""
+        from opentelemetry.metrics import CallbackOptions, Observation
+
+        meter = self.meter_provider.get_meter(SCOPE.name, SCOPE.version)
+
+        def observed(value: Callable[[], int]) -> Any:
+            def callback(options: CallbackOptions) -> list[Observation]:
+                return [Observation(value())]
+
+            return [callback]
+
+        for metric, value in (
+            (semconv.EXPORTER_RESTARTS, restarts),
+            (semconv.EXPORTER_SPANS, lambda: counters().get("spans", 0)),
+            (semconv.EXPORTER_DROPPED, lambda: counters().get("dropped_bytes", 0)),
+            (semconv.EXPORTER_SKIPPED, lambda: counters().get("skipped_lines", 0)),
+        ):
+            meter.create_observable_counter(
+                metric.name, observed(value), unit=metric.unit, description=metric.description
+            )
+        backlog = semconv.EXPORTER_BACKLOG
+        meter.create_observable_gauge(
+            backlog.name,
+            observed(lambda: counters().get("behind_bytes", 0)),
+            unit=backlog.unit,
+            description=backlog.description,
+        )
+
+    def exporter_failed(self, signal: str, batches: int) -> None:
+        """Count ``batches`` the exporter process failed to export (``signal``: traces or metrics)."""
+        self.instruments.export_failures.add(batches, {semconv.SIGNAL: signal})
 
     def log_failed(self) -> None:
         """Count a JSONL line that could not be written."""
@@ -210,7 +269,36 @@ class OtelSink:
 
     def _export_failed(self, signal: str) -> None:
         self.instruments.export_failures.add(1, {semconv.SIGNAL: signal})
-        self._complain("OTLP export of %s failed; is the collector at the configured endpoint up?", signal)
+        latest = quiet_sdk_exporters().latest()
+        self._complain(
+            "OTLP export of %s failed%s; is the collector at the configured endpoint up?", signal, latest
+        )
+
+
+class _CallSpans(SpanProcessor):
+    """Keeps each finished upstream-call span until its exchange's record takes it (:meth:`pop`).
+
+    Bounded: a span no record claims (an exchange whose recorder never finished) is forgotten once
+    :data:`_CALL_SPANS_KEPT` newer ones are waiting.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[tuple[int, int], CallSpan] = {}
+
+    def on_end(self, span: Any) -> None:
+        call = call_span(span)
+        if call is None:
+            return
+        waiting = self._waiting
+        if len(waiting) >= _CALL_SPANS_KEPT:
+            del waiting[next(iter(waiting))]
+        waiting[(span.context.trace_id, call.parent_span_id)] = call
+
+    def pop(self, trace_id: int, parent_span_id: int) -> CallSpan | None:
+        return self._waiting.pop((trace_id, parent_span_id), None)
+
+
+_CALL_SPANS_KEPT = 10_000
 
 
 class _HeaderCarrier(dict[str, str]):

@@ -1,0 +1,288 @@
+"""``python -m otellama exporter``: follow the log, render, export, save the position; report to the proxy.
+
+One loop: read a batch of lines from the saved position, rebuild each record (:meth:`Record.from_json`),
+record its metrics (exemplars: the GenAI span's ids) and render its spans, export the spans synchronously,
+and save the position after the batch only once every span exporter accepted it. A failed export is retried
+with a growing pause (up to :data:`RETRY_MAX` seconds) and never skipped, so a collector that is down for
+ten minutes gets every span of those minutes once it is back, in order, with the original ids and times.
+Delivery is at least once: a process killed between an accepted export and saving the position sends that
+one batch again after its restart (backends keyed on span ids keep one copy).
+
+Metrics go through the SDK's periodic readers, cumulatively, so a metric export that fails is caught up by
+the next that succeeds. The process exits when its parent (the proxy) is gone, and on SIGTERM exports to the
+end of the log and exits (the proxy kills it if that takes longer than the shutdown grace; what was not
+exported then is exported after the next start, from the saved position).
+
+Each second it writes one JSON line of counters to stdout for the proxy's ``/otellama/metrics``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import logging
+import os
+import signal
+import stat
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, TextIO
+
+import orjson
+from opentelemetry.sdk.metrics import MeterProvider, TraceBasedExemplarFilter
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from otellama.exporter.follow import LogFollower
+from otellama.observe.record import Record
+from otellama.settings import Settings
+from otellama.sinks.capper import Capper
+from otellama.sinks.complaints import Complaints
+from otellama.sinks.otel.aggregates import Aggregates
+from otellama.sinks.otel.export import (
+    CountingMetricExporter,
+    metric_exporters,
+    quiet_sdk_exporters,
+    resource,
+    span_exporters,
+)
+from otellama.sinks.otel.metrics import Instruments, record_metrics
+from otellama.sinks.otel.spans import SCOPE, render_spans
+
+log = logging.getLogger(__name__)
+
+#: Lines read, rendered and exported together (a batch of ~4 spans a line).
+BATCH_LINES: Final = 256
+#: Seconds between looks at a log that has nothing new.
+POLL: Final = 0.05
+#: The longest pause between two attempts to export a failed batch.
+RETRY_MAX: Final = 5.0
+_REPORT_LIMIT: Final = 1 << 20
+#: How much lower than the proxy's the exporter process's CPU priority is (``nice``).
+EXPORTER_NICENESS: Final = 10
+#: Seconds between two status lines to the proxy.
+STATUS_EVERY: Final = 1.0
+
+
+class Exporter:
+    """The exporting loop (see the module docstring), for one log and the ``OTEL_*`` environment."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        environ: Mapping[str, str],
+        *,
+        span_export: Sequence[SpanExporter] | None = None,
+        metric_readers: Sequence[MetricReader] | None = None,
+        status: TextIO | None = None,
+    ) -> None:
+        if settings.log_file is None:
+            raise ValueError("the exporter follows the JSONL log; OTELLAMA_LOG_FILE is off")
+        self.resource = resource(environ)
+        self.span_exporters = list(span_exporters(environ) if span_export is None else span_export)
+        self.counts: dict[str, int] = {"lines": 0, "spans": 0, "failed_traces": 0, "failed_metrics": 0}
+        readers = list(metric_readers) if metric_readers is not None else []
+        if metric_readers is None:
+            for exporter in metric_exporters(environ):
+                readers.append(PeriodicExportingMetricReader(CountingMetricExporter(exporter, self._failed)))
+        self._sdk_lines = quiet_sdk_exporters()
+        self._complain = Complaints(log)
+        self.meter_provider = MeterProvider(
+            metric_readers=readers, resource=self.resource, exemplar_filter=TraceBasedExemplarFilter()
+        )
+        self.aggregates = Aggregates(self.resource, SCOPE, exemplars=True)
+        for reader in readers:
+            self.aggregates.attach(reader)
+        self.instruments = Instruments(
+            self.meter_provider.get_meter(SCOPE.name, SCOPE.version), self.aggregates
+        )
+        self.metrics = bool(readers)
+        self.cap = Capper()
+        self.follower = LogFollower(settings.log_file, settings.log_backups)
+        self.draining = threading.Event()
+        self._status = status
+        #: Set when the proxy's end of our stdin closed: it is gone, and we go too.
+        self.parent_gone = threading.Event()
+
+    def listen(self, fd: int) -> None:
+        """Read the proxy's in-flight reports from ``fd`` (its stdin), in a thread of its own.
+
+        Unbuffered reads: a daemon thread blocked in a buffered reader would hold its lock at exit."""
+
+        def run() -> None:
+            reported: dict[tuple[tuple[str, str], ...], int] = {}
+            pending = b""
+            while chunk := _read(fd):
+                *lines, pending = (pending + chunk).split(b"\n")
+                pending = pending[-_REPORT_LIMIT:]
+                for line in lines[-1:]:  # only the latest report counts
+                    try:
+                        pairs = orjson.loads(line)["in_flight"]
+                        now = {tuple((str(k), str(v)) for k, v in key): int(n) for key, n in pairs}
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    for key in reported.keys() | now.keys():
+                        # Adding 0 makes the series exist: an idle proxy reports 0 in flight, not nothing.
+                        self.instruments.in_flight.add(now.get(key, 0) - reported.get(key, 0), key)
+                    reported = now
+            # End of the pipe: the proxy is gone (killed, or it closed it to stop us). Only the proxy holds
+            # its other end, so this is the one sure sign: getppid() is no use in a PID namespace, where
+            # the parent can read as 1 from the start.
+            self.parent_gone.set()
+            self.draining.set()
+
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):  # asyncio: a pipe; uvloop: a socket pair
+            threading.Thread(target=run, name="in-flight", daemon=True).start()
+
+    def _failed(self, signal_name: str) -> None:
+        self.counts[f"failed_{signal_name}"] += 1
+        self._complain(
+            "OTLP export of %s failed%s; is the collector at the configured endpoint up?",
+            signal_name,
+            self._sdk_lines.latest(),
+        )
+
+    def step(self) -> int:
+        """Export one batch; returns the lines it held (0: nothing new). Retries until exported; raises
+        :class:`_Stop` (position unsaved) when the export fails while shutting down or orphaned."""
+        lines, position = self.follower.read(BATCH_LINES)
+        if not lines:
+            return 0
+        spans: list[ReadableSpan] = []
+        for raw in lines:
+            try:
+                record = Record.from_json(orjson.loads(raw))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                self.follower.skipped_lines += 1
+                continue
+            ids = record.ids
+            exemplar = (ids.trace_id, ids.genai_span_id or ids.server_span_id) if ids.sampled else None
+            try:
+                rendered = render_spans(record, self.resource) if self.span_exporters and ids.sampled else []
+                if self.metrics:
+                    record_metrics(self.instruments, record, self.cap, exemplar)
+            except Exception as exc:  # one line we cannot render must not stop every line after it
+                self.follower.skipped_lines += 1
+                self._complain("a logged record could not be rendered and was skipped: %r", exc)
+                continue
+            spans.extend(rendered)
+        if spans:
+            self._export(spans)
+        self.follower.commit(position)
+        self.counts["lines"] += len(lines)
+        self.counts["spans"] += len(spans)
+        return len(lines)
+
+    def _export(self, spans: list[ReadableSpan]) -> None:
+        pause = 0.1
+        pending = list(self.span_exporters)
+        while True:
+            failed = []
+            for exporter in pending:
+                try:
+                    result = exporter.export(spans)
+                except Exception as exc:  # an exporter that raises has failed like one that says so
+                    log.debug("span export raised", exc_info=exc)
+                    result = SpanExportResult.FAILURE
+                if result is not SpanExportResult.SUCCESS:
+                    failed.append(exporter)
+            if not failed:
+                self._complain.recovered()
+                return
+            pending = failed
+            self.counts["failed_traces"] += 1
+            self._complain(
+                "OTLP export of traces failed%s; the spans wait in the log and export is retried. Is the "
+                "collector at the configured endpoint up?",
+                self._sdk_lines.latest(),
+            )
+            self.report()
+            if self._orphaned() or self.draining.is_set():
+                # Shutting down with the collector failing: the batch stays in the log (position unsaved)
+                # and goes out after the next start, rather than holding the shutdown for the whole grace.
+                raise _Stop
+            time.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX)
+
+    def _orphaned(self) -> bool:
+        return self.parent_gone.is_set()
+
+    def report(self) -> None:
+        """One status line for the proxy."""
+        if self._status is None:
+            return
+        counts = {
+            **self.counts,
+            "dropped_bytes": self.follower.dropped_bytes,
+            "dropped_files": self.follower.dropped_files,
+            "skipped_lines": self.follower.skipped_lines,
+            "behind_bytes": self.follower.behind(),
+        }
+        try:
+            self._status.write(orjson.dumps(counts).decode() + "\n")
+            self._status.flush()
+        except (OSError, ValueError):  # the proxy stopped listening: it is going away
+            pass
+
+    def run(self) -> int:
+        """Export until drained (SIGTERM) or orphaned; returns the exit code."""
+        try:
+            self._loop(0.0)
+        except _Stop:
+            pass
+        finally:
+            self.report()
+            self.follower.close()
+            self.meter_provider.shutdown()  # a last metric export
+            for exporter in self.span_exporters:
+                exporter.shutdown()
+        return 0
+
+    def _loop(self, last_report: float) -> None:
+        while True:
+            done = self.step()
+            now = time.monotonic()
+            if now - last_report >= STATUS_EVERY:
+                self.report()
+                last_report = now
+            if done:
+                continue
+            if self.draining.is_set() or self._orphaned():
+                return
+            self.draining.wait(POLL)
+
+
+def _read(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""
+
+
+class _Stop(Exception):
+    """Stop exporting now: the proxy is gone, or shutting down while the collector fails."""
+
+
+def main(environ: Mapping[str, str] | None = None) -> int:
+    """Entry point of ``python -m otellama exporter`` (started by ``otellama serve``)."""
+    env = dict(os.environ if environ is None else environ)
+    # Below the proxy in the CPU scheduler's eyes: when the cores are contended, requests come first and the
+    # exporter catches up when they are not (the log holds what it has not sent yet).
+    with contextlib.suppress(OSError):
+        os.nice(EXPORTER_NICENESS)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env(env)
+    exporter = Exporter(settings, env, status=sys.stdout)
+
+    def drain(signum: int, frame: Any) -> None:
+        exporter.draining.set()
+
+    signal.signal(signal.SIGTERM, drain)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack on stderr, for a hang
+    exporter.listen(sys.stdin.fileno())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the proxy decides when we stop
+    return exporter.run()
