@@ -668,16 +668,20 @@ def emulator_process() -> Iterator[str]:
         emulator.communicate()
 
 
-def test_a_down_black_holed_or_slow_collector_costs_requests_nothing(
+def test_a_down_black_holed_or_slow_collector_fails_no_request_and_drops_nothing(
     serve: Callable[..., str],
     tmp_path: Path,
     process: Callable[..., Process],
     emulator_process: str,
     record_property: Record,
+    request: pytest.FixtureRequest,
 ) -> None:
-    # Emulator, otellama and client each in a process of their own: only otellama's latency is measured.
+    # Emulator, otellama and client each in a process of their own. What a broken collector costs requests
+    # in time is measured by bench/proxy_bench.py (--telemetry blackhole), on a quiet machine: here, on
+    # shared cores, only correctness is asserted, and the latencies are recorded as the test's figure.
     emulator_url = emulator_process
     black_hole = socket.create_server(("127.0.0.1", 0), backlog=1)  # accepts TCP (backlog), never answers
+    request.addfinalizer(black_hole.close)  # closed however the test ends: a later test may want the port
     endpoints = {
         "none": None,
         "healthy": serve(SlowCollector(delay=0)),
@@ -685,7 +689,7 @@ def test_a_down_black_holed_or_slow_collector_costs_requests_nothing(
         "black-holed": f"http://127.0.0.1:{black_hole.getsockname()[1]}",
         "slow": serve(SlowCollector(delay=2.0)),
     }
-    count, p50s, p99s, figures = 600, {}, {}, []
+    count, figures = 600, []
     for collector, endpoint in endpoints.items():
         log_file = tmp_path / f"{collector}.jsonl"
         env = {}
@@ -698,8 +702,7 @@ def test_a_down_black_holed_or_slow_collector_costs_requests_nothing(
         proc = process(emulator_url, log_file, **env)
         latencies(proc.url, 40)  # warm-up: connections, first-request costs
         took = latencies(proc.url, count)
-        p99s[collector] = worst = p99(took)
-        p50s[collector] = typical = statistics.median(took)
+        worst, typical = p99(took), statistics.median(took)
         lines = read_lines(log_file, count + 40)
         assert len(lines) == count + 40, collector  # every exchange is in the JSONL, whatever the collector
         assert all(line["outcome"] == "ok" for line in lines), collector
@@ -714,22 +717,11 @@ def test_a_down_black_holed_or_slow_collector_costs_requests_nothing(
             assert eventually(lambda: exporter("backlog_bytes") == 0)
         dropped = exporter("dropped_bytes_total")
         assert dropped == 0, collector
-        if collector not in ("none", "healthy"):
-            # A broken collector costs no more than a working one (whose cost is encoding spans). Two
-            # cores shared with everything else: a run over the bound is measured once more, and a fault
-            # that really costs fails both.
-            p50_bound = 1.5 * max(p50s["none"], p50s["healthy"])
-            p99_bound = 2 * max(p99s["none"], p99s["healthy"])
-            if typical >= p50_bound or worst >= p99_bound:
-                took = latencies(proc.url, count)
-                worst, typical = p99(took), statistics.median(took)
-            assert typical < p50_bound and worst < p99_bound, (collector, typical, worst, p50s, p99s)
         figures.append(
             f"{collector}: p50 {ms(typical)} / p99 {ms(worst)} ms, "
             f"{len(lines)}/{count + 40} in JSONL, {int(exporter('backlog_bytes'))} bytes of log waiting"
         )
         proc.stop()
-    black_hole.close()
     record_property("figure", "; ".join(figures))
 
 
