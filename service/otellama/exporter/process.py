@@ -291,6 +291,7 @@ def main(environ: Mapping[str, str] | None = None) -> int:
         exporter.draining.set()
 
     signal.signal(signal.SIGTERM, drain)
+    exporter.report()  # the first status line says "ready": from now on a SIGTERM drains instead of killing
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack on stderr, for a hang
     exporter.listen(sys.stdin.fileno())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the proxy decides when we stop

@@ -69,6 +69,8 @@ class Supervisor:
         self.process: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Set by the running exporter's first status line: its SIGTERM handler is in place.
+        self._ready = asyncio.Event()
 
     async def start(self) -> None:
         """Start the exporter (after saving "the end of the log" as its place on a first run)."""
@@ -103,6 +105,7 @@ class Supervisor:
         pause = RESTART_FIRST
         while not self._stopping:
             started = time.monotonic()
+            self._ready = asyncio.Event()
             try:
                 self.process = await self._spawn()
             except OSError as exc:
@@ -137,6 +140,7 @@ class Supervisor:
                 continue  # an overlong line: not a status line
             if not line:
                 return
+            self._ready.set()
             with contextlib.suppress(ValueError, TypeError):
                 value = orjson.loads(line)
                 if isinstance(value, dict):
@@ -181,6 +185,13 @@ class Supervisor:
         self._stopping = True
         process = self.process
         if process is not None and process.returncode is None:
+            started = time.monotonic()
+            # A SIGTERM that came while the exporter was still starting would kill it before its handler
+            # is in place: let it get ready first, within the same grace.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), within)
+            if within is not None:
+                within = max(0.0, within - (time.monotonic() - started))
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
             try:
