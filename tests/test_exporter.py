@@ -402,3 +402,36 @@ def test_the_follower_reads_across_rotations_in_order_and_counts_what_was_rotate
 
 def read_position(follower: LogFollower) -> Position:
     return follower.read(1)[1]
+
+
+def test_the_per_host_gauges_reach_the_collector_through_the_exporter(
+    tmp_path: Path, otellama: Callable[..., Serve]
+) -> None:
+    # The gauges read the proxy's host pool; the metrics are exported by the exporter process, so the proxy
+    # reports what each host holds to it. Two hosts, one of them down.
+    dead = f"http://127.0.0.1:{free_port()}"
+    emulated = EmulatorSettings(token_rate=0, load_seconds=0.01)
+    with BackgroundServer(create_emulator(emulated)) as host, OtlpHttpReceiver() as receiver:
+        proc = otellama(
+            f"gpu1={host.url},gpu2={dead}",
+            tmp_path / "otellama.jsonl",
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+            OTELLAMA_POLL_INTERVAL="0.2",
+        )
+        traffic(proc.url, 2)  # loads MODEL on gpu1
+
+        def up() -> dict[object, object]:
+            return {
+                p.attributes.get("otellama.upstream"): p.value
+                for p in receiver.metrics("otellama.upstream.up")
+            }
+
+        assert eventually(lambda: up() == {"gpu1": 1, "gpu2": 0} and up(), "both hosts' up gauges over OTLP")
+        loaded = eventually(
+            lambda: [p for p in receiver.metrics("ollama.model.loaded") if p.value == 1],
+            "a loaded model's gauge over OTLP",
+        )
+        assert {
+            (p.attributes["otellama.upstream"], p.attributes["gen_ai.request.model"]) for p in loaded
+        } == {("gpu1", MODEL)}
+        assert receiver.metrics("ollama.model.vram")  # the sizes come along

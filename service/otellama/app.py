@@ -140,6 +140,8 @@ class App:
                     self.otel.exporter_failed,
                     self.otel.in_flight_now.copy,
                     instance_id=str(instance) if instance is not None else None,
+                    # The per-host gauges, for OTLP: the host pool is built below.
+                    hosts=(lambda: self.hosts.states()) if selected_exporters(environ, "metrics") else None,
                 )
                 self.otel.watch_exporter(supervisor.total, lambda: supervisor.restarts)
             self.rolling = RollingStats()  # GET /otellama/stats: recent exchanges, in bounded memory

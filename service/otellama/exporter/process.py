@@ -36,6 +36,7 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from otellama.exchange import HostState, LoadedModel
 from otellama.exporter.follow import LogFollower
 from otellama.observe.record import Record
 from otellama.settings import Settings
@@ -49,6 +50,7 @@ from otellama.sinks.otel.export import (
     resource,
     span_exporters,
 )
+from otellama.sinks.otel.hosts import HostGauges
 from otellama.sinks.otel.metrics import Instruments, record_metrics
 from otellama.sinks.otel.spans import SCOPE, render_spans
 
@@ -100,6 +102,9 @@ class Exporter:
             self.meter_provider.get_meter(SCOPE.name, SCOPE.version), self.aggregates
         )
         self.metrics = bool(readers)
+        #: What each Ollama host holds, as the proxy last reported it (the per-host gauges read it).
+        self.hosts: list[HostState] = []
+        HostGauges(self.meter_provider.get_meter(SCOPE.name, SCOPE.version), lambda: self.hosts)
         self.cap = Capper()
         self.follower = LogFollower(settings.log_file, settings.log_backups)
         self.draining = threading.Event()
@@ -120,8 +125,12 @@ class Exporter:
                 pending = pending[-_REPORT_LIMIT:]
                 for line in lines[-1:]:  # only the latest report counts
                     try:
-                        pairs = orjson.loads(line)["in_flight"]
-                        now = {tuple((str(k), str(v)) for k, v in key): int(n) for key, n in pairs}
+                        report = orjson.loads(line)
+                        now = {
+                            tuple((str(k), str(v)) for k, v in key): int(n) for key, n in report["in_flight"]
+                        }
+                        if "hosts" in report:
+                            self.hosts = [_host_state(state) for state in report["hosts"]]
                     except (ValueError, KeyError, TypeError):
                         continue
                     for key in reported.keys() | now.keys():
@@ -282,7 +291,14 @@ def main(environ: Mapping[str, str] | None = None) -> int:
         exporter.draining.set()
 
     signal.signal(signal.SIGTERM, drain)
+    exporter.report()  # the first status line says "ready": from now on a SIGTERM drains instead of killing
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack on stderr, for a hang
     exporter.listen(sys.stdin.fileno())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the proxy decides when we stop
     return exporter.run()
+
+
+def _host_state(value: Mapping[str, Any]) -> HostState:
+    """A :class:`~otellama.exchange.HostState` from the proxy's report (``dataclasses.asdict`` of one)."""
+    loaded = tuple(LoadedModel(**model) for model in value["loaded"])
+    return HostState(**{**value, "loaded": loaded, "installed": tuple(value["installed"])})

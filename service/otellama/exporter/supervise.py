@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 import orjson
 
+from otellama.exchange import HostState
 from otellama.exporter.follow import mark_end
 from otellama.settings import Settings
 
@@ -50,6 +52,7 @@ class Supervisor:
         on_failures: Callable[[str, int], None] = lambda signal, batches: None,
         in_flight: Callable[[], Mapping[tuple[tuple[str, str], ...], int]] = dict,
         instance_id: str | None = None,
+        hosts: Callable[[], Sequence[HostState]] | None = None,
     ) -> None:
         if settings.log_file is None:
             raise ValueError("the exporter follows the JSONL log; OTELLAMA_LOG_FILE is off")
@@ -58,6 +61,7 @@ class Supervisor:
         self.restarts = 0
         self._on_failures = on_failures
         self._in_flight = in_flight
+        self._hosts = hosts
         self.instance_id = instance_id
         self.status: dict[str, int] = {}
         self._earlier: dict[str, int] = {}  # the counters of lives that ended
@@ -65,6 +69,8 @@ class Supervisor:
         self.process: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Set by the running exporter's first status line: its SIGTERM handler is in place.
+        self._ready = asyncio.Event()
 
     async def start(self) -> None:
         """Start the exporter (after saving "the end of the log" as its place on a first run)."""
@@ -99,6 +105,7 @@ class Supervisor:
         pause = RESTART_FIRST
         while not self._stopping:
             started = time.monotonic()
+            self._ready = asyncio.Event()
             try:
                 self.process = await self._spawn()
             except OSError as exc:
@@ -133,6 +140,7 @@ class Supervisor:
                 continue  # an overlong line: not a status line
             if not line:
                 return
+            self._ready.set()
             with contextlib.suppress(ValueError, TypeError):
                 value = orjson.loads(line)
                 if isinstance(value, dict):
@@ -145,14 +153,18 @@ class Supervisor:
                     self._current = counts
 
     async def _feed(self, process: asyncio.subprocess.Process) -> None:
-        """Tell the exporter the in-flight gauge once a second (it exports it with the other metrics)."""
+        """Tell the exporter the in-flight gauge, and what each Ollama host holds, once a second (it exports
+        them with the other metrics: they live in this process, the metrics are rendered in that one)."""
         stdin = process.stdin
         assert stdin is not None
         while process.returncode is None:
             if stdin.transport.get_write_buffer_size() < _STATUS_LIMIT:  # a stuck child grows no buffer
                 pairs = [[list(map(list, key)), value] for key, value in self._in_flight().items()]
+                report: dict[str, object] = {"in_flight": pairs}
+                if self._hosts is not None:
+                    report["hosts"] = [dataclasses.asdict(state) for state in self._hosts()]
                 with contextlib.suppress(OSError, RuntimeError):
-                    stdin.write(orjson.dumps({"in_flight": pairs}) + b"\n")
+                    stdin.write(orjson.dumps(report) + b"\n")
             await asyncio.sleep(IN_FLIGHT_EVERY)
 
     def total(self) -> dict[str, int]:
@@ -173,6 +185,13 @@ class Supervisor:
         self._stopping = True
         process = self.process
         if process is not None and process.returncode is None:
+            started = time.monotonic()
+            # A SIGTERM that came while the exporter was still starting would kill it before its handler
+            # is in place: let it get ready first, within the same grace.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), within)
+            if within is not None:
+                within = max(0.0, within - (time.monotonic() - started))
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
             try:
