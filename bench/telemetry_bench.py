@@ -123,32 +123,7 @@ def upstream_call_span(exchanges: int) -> tuple[float, list[ReadableSpan]]:
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
-    bare = _Answer()
-    traced = AsyncOpenTelemetryTransport(bare, tracer_provider=provider)
-    # What the proxy sends for a typical client (ollama-python) call.
-    headers = [
-        (b"content-type", b"application/json"), (b"accept", b"application/json"),
-        (b"user-agent", b"ollama-python/0.5.1 (x86_64 linux) Python/3.11.7"), (b"host", b"127.0.0.1:11434"),
-    ]  # fmt: skip
-    url = httpx.URL("http://127.0.0.1:11434/api/chat")
-    parent = SpanContext(1, 2, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
-
-    async def run(transport: httpx.AsyncBaseTransport, n: int) -> float:
-        token = context.attach(trace.set_span_in_context(NonRecordingSpan(parent)))
-        start = time.process_time()
-        for _ in range(n):
-            request = httpx.Request("POST", url, headers=headers, content=b'{"model":"m"}')
-            await transport.handle_async_request(request)
-        elapsed = time.process_time() - start
-        context.detach(token)
-        return elapsed / n * 1e6
-
-    async def compare() -> float:
-        await run(traced, 200)
-        await run(bare, 200)
-        return await run(traced, exchanges) - await run(bare, exchanges)
-
-    added = asyncio.run(compare())
+    added = upstream_call(provider, exchanges)
     return added, list(spans.get_finished_spans())[-1:]
 
 
