@@ -24,7 +24,7 @@ from opentelemetry.propagate import extract, get_global_textmap
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, TraceBasedExemplarFilter
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
@@ -278,24 +278,27 @@ class OtelSink:
 class _CallSpans(SpanProcessor):
     """Keeps each finished upstream-call span until its exchange's record takes it (:meth:`pop`).
 
-    Bounded: a span no record claims (an exchange whose recorder never finished) is forgotten once
-    :data:`_CALL_SPANS_KEPT` newer ones are waiting.
+    The span ends when Ollama's response headers arrive, before the client has its first byte: it is only
+    put aside here, and turned into the record's :class:`~otellama.observe.record.CallSpan` when the record
+    is built, after the last byte. Bounded: a span no record claims (an exchange whose recorder never
+    finished) is forgotten once :data:`_CALL_SPANS_KEPT` newer ones are waiting.
     """
 
     def __init__(self) -> None:
-        self._waiting: dict[tuple[int, int], CallSpan] = {}
+        self._waiting: dict[tuple[int, int], ReadableSpan] = {}
 
-    def on_end(self, span: Any) -> None:
-        call = call_span(span)
-        if call is None:
+    def on_end(self, span: ReadableSpan) -> None:
+        context, parent = span.context, span.parent
+        if context is None or parent is None:
             return
         waiting = self._waiting
         if len(waiting) >= _CALL_SPANS_KEPT:
             del waiting[next(iter(waiting))]
-        waiting[(span.context.trace_id, call.parent_span_id)] = call
+        waiting[(context.trace_id, parent.span_id)] = span
 
     def pop(self, trace_id: int, parent_span_id: int) -> CallSpan | None:
-        return self._waiting.pop((trace_id, parent_span_id), None)
+        span = self._waiting.pop((trace_id, parent_span_id), None)
+        return None if span is None else call_span(span)
 
 
 _CALL_SPANS_KEPT = 10_000
