@@ -28,6 +28,7 @@ from otellama.exporter.follow import LogFollower, Position, mark_end
 from otellama.server import BackgroundServer
 from otellama.sinks.jsonlog import JsonLog
 from tests.otlp_receiver import OtlpHttpReceiver
+from tests.test_telemetry_wire import eventually as wait_for
 
 MODEL = "llama3.2:3b"
 
@@ -39,14 +40,8 @@ def free_port() -> int:
 
 
 def eventually(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {result!r})")
-        time.sleep(0.02)
+    """test_telemetry_wire's wait, with room for a process that starts a second process."""
+    return wait_for(check, what, timeout)
 
 
 class Serve:

@@ -22,6 +22,7 @@ from otellama.app import create_app
 from otellama.proxy import auth, connection
 from otellama.settings import Settings, Upstream
 from tests.conftest import ScriptedUpstream, Seen
+from tests.test_abuse import exchange
 
 KEY = "sk-search-0123456789abcdef"
 TIMEOUT = 0.5
@@ -50,16 +51,7 @@ class Rig:
 
     def send(self, data: bytes, wait: float = 5.0) -> bytes:
         """Write raw bytes, read until otellama closes (or ``wait`` passes)."""
-        with socket.create_connection(("127.0.0.1", self.port)) as sock:
-            sock.settimeout(wait)
-            sock.sendall(data)
-            answer = b""
-            try:
-                while chunk := sock.recv(65536):
-                    answer += chunk
-            except TimeoutError:
-                answer += b"<still open>"
-        return answer
+        return exchange(self.url, data, wait)
 
     def lines(self, count: int, settle: float = 0.0) -> list[dict[str, Any]]:
         """The log once it has ``count`` lines (recorded just after the last byte), ``settle`` s later."""
