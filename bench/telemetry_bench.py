@@ -3,10 +3,11 @@
 Proxy process (``otellama serve``'s own, on the request path or the event loop):
 
 1. **Recorder**: drives ``Telemetry.begin`` and its recording's ``observe``/``finish`` with Ollama-shaped
-   bytes (a 200-chunk NDJSON chat stream and a non-streamed body) exactly as the proxy does, with the sinks
-   ``otellama serve`` builds: the JSONL line written to disk, the Prometheus metrics, the stats window, and
-   (with OTLP configured) the trace ids and the upstream call's span caught for the record. Export is
-   handed over to the exporter process through the log, so no span is rendered and nothing encoded here.
+   bytes (a 200-chunk NDJSON chat stream and a non-streamed body) exactly as the proxy does, with the
+   recorder ``otellama serve`` builds (the app's own, built here by ``create_app``): trace ids, the in-flight
+   count, the observer, the record and its JSONL line written to disk, and (with traces exported) the
+   upstream call's span caught for the record. Spans, metrics and the stats window are the exporter
+   process's: nothing is rendered, aggregated or encoded here.
 2. **Upstream call's span**: opentelemetry-instrumentation-httpx's transport around a transport that
    answers at once, minus the bare transport, with the proxy's tracer provider (its span is caught for the
    record); and the alternative, ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=httpx``: otellama injects
@@ -14,18 +15,23 @@ Proxy process (``otellama serve``'s own, on the request path or the event loop):
 
 Exporter process (``python -m otellama exporter``, off the proxy's path):
 
-3. **Exporter**: reading the logged lines back, rebuilding each record, recording its metrics, rendering its
-   spans and encoding them as OTLP protobuf (the bytes are dropped, not sent): ``Exporter.step`` as it runs.
+3. **Exporter**: reading the logged lines back twice: the live view (rebuild each record, record its metrics
+   for Prometheus and OTLP, add it to the stats window) and the span export (rebuild, render the spans,
+   encode them as OTLP protobuf; the bytes are dropped, not sent), as the exporter's two threads do.
 
-Process CPU, so other load on the machine matters little. The issue's budget is the proxy process's part.
+Process CPU, so other processes matter little, but this VM's CPU speed wanders by tens of percent from one
+second to the next: each figure is the median of ``--repeats`` runs, with the lowest and highest beside it.
+The issue's budget is the proxy process's part, per exchange; a stream adds its per-chunk cost on top.
 
-    .venv/bin/python bench/telemetry_bench.py [--exchanges N]
+    .venv/bin/python bench/telemetry_bench.py [--exchanges N] [--repeats R]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -45,12 +51,11 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
+from otellama.app import create_app
 from otellama.exchange import Exchange
 from otellama.settings import Settings
 from otellama.sinks.fanout import Telemetry
-from otellama.sinks.jsonlog import JsonLog, JsonLogSink
 from otellama.sinks.otel.sink import OtelSink
-from otellama.sinks.stats import RollingStats
 
 
 class _Drop(SpanExporter):
@@ -147,10 +152,17 @@ class _EncodeAndDrop(SpanExporter):
 
 
 def proxy_recorder(environ: dict[str, str], log_file: Path) -> tuple[Telemetry, OtelSink]:
-    """The recorder ``otellama serve`` builds for ``environ``, exporting through the exporter process."""
-    otel = OtelSink(environ=environ, export_here=False)
-    log = JsonLogSink(JsonLog(log_file), otel.log_failed)
-    return Telemetry(Settings(log_file=log_file), otel, [log, otel, RollingStats()], environ={}), otel
+    """The recorder ``otellama serve`` builds for ``environ`` (its exporter process is not started)."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update({k: v for k, v in saved.items() if not k.startswith(("OTEL_", "OTELLAMA_"))}, **environ)
+    try:
+        app = create_app(Settings(log_file=log_file))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert app.telemetry is not None and app.otel is not None and app.supervisor is not None
+    return app.telemetry, app.otel
 
 
 def upstream_call(provider: TracerProvider | None, exchanges: int) -> float:
@@ -189,82 +201,123 @@ def upstream_call(provider: TracerProvider | None, exchanges: int) -> float:
     return asyncio.run(compare())
 
 
-def exporter_step(log_file: Path, environ: dict[str, str], lines: int) -> float:
-    """CPU microseconds per logged exchange in the exporter process (read, rebuild, metrics, spans, OTLP)."""
+def exporter_step(log_file: Path, environ: dict[str, str], lines: int, traces: bool) -> float:
+    """CPU microseconds per logged exchange in the exporter process: the live view (metrics, stats) and,
+    with ``traces``, the span export (rebuild, render, OTLP encoding)."""
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
     from otellama.exporter.follow import Position, save_position, state_path
     from otellama.exporter.process import Exporter
 
-    save_position(state_path(log_file), Position(log_file.stat().st_ino, 0))
+    start_of_log = Position(log_file.stat().st_ino, 0)
+    save_position(state_path(log_file), start_of_log)
     exporter = Exporter(
         Settings(log_file=log_file),
         environ,
-        span_export=[_EncodeAndDrop()],
+        span_export=[_EncodeAndDrop()] if traces else [],
         metric_readers=[InMemoryMetricReader()],
+        prometheus=True,
+        live_from=start_of_log,
     )
     start = time.process_time()
-    done = 0
-    while done < lines and (step := exporter.step()):
-        done += step
+    done = exporter.live.catch_up()
+    while exporter.step():
+        pass
     elapsed = time.process_time() - start
     exporter.follower.close()
+    exporter.live.follower.close()
+    assert done == lines, (done, lines)
     return elapsed / max(done, 1) * 1e6
+
+
+Spread = tuple[float, float, float]  # median, lowest, highest
+
+
+def spread(runs: list[float]) -> Spread:
+    return statistics.median(runs), min(runs), max(runs)
+
+
+def cell(value: Spread) -> str:
+    middle, low, high = value
+    return f"{middle:.0f} µs ({low:.0f} to {high:.0f})"
 
 
 def main() -> None:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
     parser.add_argument("--exchanges", type=int, default=3000)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    n = args.exchanges
+    n, repeats = args.exchanges, args.repeats
     stream = _stream()
     nonstream = [stream[-1].rstrip(b"\n")]
+    whole_type, stream_type = b"application/json; charset=utf-8", b"application/x-ndjson"
     configurations = {
         "default (JSONL + Prometheus)": {},
         "OTLP traces + metrics + JSONL + Prometheus": {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"},
     }
-    rows: list[tuple[str, float, float]] = []
-    exporter_rows: list[tuple[str, float, float]] = []
+    rows: list[tuple[str, Spread, Spread]] = []
+    exporter_rows: list[tuple[str, Spread, Spread]] = []
     for name, environ in configurations.items():
         with tempfile.TemporaryDirectory() as tmp:
-            telemetry, otel = proxy_recorder(environ, Path(tmp) / "warm.jsonl")
-            measure(telemetry, stream, b"application/x-ndjson", 200)  # warm-up
+            folder = Path(tmp)
+            telemetry, otel = proxy_recorder(environ, folder / "warm.jsonl")
+            measure(telemetry, stream, stream_type, 200)  # warm-up
             telemetry.close()
-            log_whole, log_stream = Path(tmp) / "whole.jsonl", Path(tmp) / "stream.jsonl"
-            telemetry, otel = proxy_recorder(environ, log_whole)
-            whole = measure(telemetry, nonstream, b"application/json; charset=utf-8", n)
-            telemetry.close()
-            telemetry, otel = proxy_recorder(environ, log_stream)
-            streamed = measure(telemetry, stream, b"application/x-ndjson", n)
-            telemetry.close()
+            runs: dict[str, list[float]] = {
+                "whole": [],
+                "stream": [],
+                "show": [],
+                "ex_whole": [],
+                "ex_stream": [],
+            }
+            for repeat in range(repeats):
+                for kind, chunks, content_type in (
+                    ("whole", nonstream, whole_type),
+                    ("stream", stream, stream_type),
+                ):
+                    log_file = folder / f"{kind}{repeat}.jsonl"
+                    telemetry, otel = proxy_recorder(environ, log_file)
+                    exchanges = n if kind == "whole" else n // 10
+                    runs[kind].append(measure(telemetry, chunks, content_type, exchanges))
+                    telemetry.close()
+                    runs[f"ex_{kind}"].append(exporter_step(log_file, environ, exchanges, otel.tracing))
+                telemetry, otel = proxy_recorder(environ, folder / f"show{repeat}.jsonl")
+                runs["show"].append(measure(telemetry, [b"{}"], whole_type, n, "/api/show"))
+                telemetry.close()
             rows.append(
-                (f"{name}: recorder (ids, observer, record, JSONL line, Prometheus, stats)", whole, streamed)
+                (
+                    f"{name}: recorder (ids, in flight, observer, record, JSONL line)",
+                    spread(runs["whole"]),
+                    spread(runs["stream"]),
+                )
             )
-            telemetry, otel = proxy_recorder(environ, Path(tmp) / "show.jsonl")
-            show = measure(telemetry, [b"{}"], b"application/json; charset=utf-8", n, "/api/show")
-            telemetry.close()
             rows.append(
-                (f"{name}: recorder, POST /api/show (no GenAI operation: proxy_bench's request)", show, show)
+                (
+                    f"{name}: recorder, POST /api/show (no GenAI operation: proxy_bench's request)",
+                    spread(runs["show"]),
+                    spread(runs["show"]),
+                )
             )
             if otel.tracing:
-                call = upstream_call(otel.tracer_provider, n)
-                rows.append((f"{name}: the upstream call's span (httpx instrumentation)", call, call))
-                own = upstream_call(None, n)
-                rows.append((f"{name}, httpx instrumentation disabled: traceparent by otellama", own, own))
-                exporter_rows.append(
-                    (name, exporter_step(log_whole, environ, n), exporter_step(log_stream, environ, n))
+                call = spread([upstream_call(otel.tracer_provider, n) for _ in range(repeats)])
+                rows.append(
+                    (f"{name}: the upstream call's span (opentelemetry-instrumentation-httpx)", call, call)
                 )
-    print("Proxy process (budget ≤ 60 µs per exchange):\n")
+                own = spread([upstream_call(None, n) for _ in range(repeats)])
+                rows.append((f"{name}, httpx instrumentation disabled: traceparent by otellama", own, own))
+            exporter_rows.append((name, spread(runs["ex_whole"]), spread(runs["ex_stream"])))
+    print(f"Proxy process (budget ≤ 60 µs per exchange): median of {repeats} runs (lowest to highest)\n")
     print("| telemetry CPU per exchange, proxy process | non-streamed | 200-chunk stream |")
     print("|---|---:|---:|")
     for name, one, many in rows:
-        print(f"| {name} | {one:.0f} µs | {many:.0f} µs |")
-    print("\nExporter process (off the proxy's path):\n")
-    print("| exporter CPU per exchange (line, record, metrics, spans, OTLP) | non-streamed | stream |")
+        print(f"| {name} | {cell(one)} | {cell(many)} |")
+    print("\nExporter process (off the proxy's path, niced):\n")
+    title = "exporter CPU per exchange (live view: metrics, stats; spans and OTLP when traced)"
+    print(f"| {title} | non-streamed | 200-chunk stream |")
     print("|---|---:|---:|")
     for name, one, many in exporter_rows:
-        print(f"| {name} | {one:.0f} µs | {many:.0f} µs |")
+        print(f"| {name} | {cell(one)} | {cell(many)} |")
 
 
 if __name__ == "__main__":

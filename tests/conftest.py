@@ -13,8 +13,10 @@ import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from otellama.app import create_app
+from otellama.emulator import EmulatorSettings, create_emulator
 from otellama.server import BackgroundServer
 from otellama.settings import Settings, Upstream
+from tests.serving import Serve
 
 # Everything a test reads lives inside the repository (tests/data/README.md says where it came from).
 DATA = Path(__file__).resolve().parent / "data"
@@ -47,6 +49,28 @@ def proxy_to(serve: Callable[..., str], tmp_path: Path) -> Callable[..., str]:
         return serve(app)
 
     return start
+
+
+@pytest.fixture
+def otellama() -> Iterator[Callable[..., Serve]]:
+    """Start ``otellama serve`` (a real process, with its exporter) in front of an upstream; killed at
+    teardown."""
+    started: list[Serve] = []
+
+    def start(upstream: str, log_file: Path, **env: str) -> Serve:
+        started.append(Serve(upstream, log_file, **env))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def emulator() -> Iterator[str]:
+    """The Ollama emulator with no token pacing, on a real socket; its base URL."""
+    with BackgroundServer(create_emulator(EmulatorSettings(token_rate=0, load_seconds=0.01))) as server:
+        yield server.url
 
 
 @dataclasses.dataclass

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 
 import httpx
 from opentelemetry.instrumentation.httpx import AsyncOpenTelemetryTransport
@@ -24,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from otellama import __version__
 from otellama.exchange import Recorder
+from otellama.exporter.relay import merge_expositions
 from otellama.exporter.supervise import Supervisor
 from otellama.proxy.auth import ADMIN_PREFIX, Gate
 from otellama.proxy.forward import Proxy
@@ -38,6 +43,9 @@ from otellama.sinks.otel.sink import OtelSink
 from otellama.sinks.stats import RollingStats, parse_window
 
 log = logging.getLogger("otellama")
+
+#: With ``OTELLAMA_LOG_FILE=off`` the exporter follows a private spool instead: its bounds (two files).
+SPOOL_BYTES: Final = 32_000_000
 
 
 class UpstreamProbe:
@@ -119,39 +127,45 @@ class App:
         #: The exporter process, when spans and metrics are exported from the log (see otellama.exporter).
         self.supervisor: Supervisor | None = None
         self._exit_requested_at: float | None = None
+        #: The private spool the exporter follows when no log is wanted (removed at shutdown).
+        self._spool: str | None = None
         if recorder is None:
             environ = os.environ
-            # Export moves to a process of its own when there is something to export and a log to follow;
-            # an injected provider or reader is the caller's, in this process.
-            elsewhere = (
-                tracer_provider is None
-                and not metric_readers
-                and settings.log_file is not None
-                and bool(selected_exporters(environ, "traces") or selected_exporters(environ, "metrics"))
-            )
+            # Spans, metrics and the stats window are rendered by a process of its own, from the log: this
+            # one only writes each exchange's line (README, "How export works"). An injected provider or
+            # reader is the caller's, in this process, and so is everything else then.
+            elsewhere = tracer_provider is None and not metric_readers
+            log_settings = settings
+            if elsewhere and settings.log_file is None:
+                log_settings = self._spool_settings(settings)
+                elsewhere = log_settings.log_file is not None
             self.otel = OtelSink(
                 tracer_provider=tracer_provider, metric_readers=metric_readers, export_here=not elsewhere
             )
             if elsewhere:
                 instance = resource(environ).attributes.get("service.instance.id")
                 supervisor = self.supervisor = Supervisor(
-                    settings,
+                    log_settings,
                     environ,
                     self.otel.exporter_failed,
                     self.otel.in_flight_now.copy,
                     instance_id=str(instance) if instance is not None else None,
-                    # The per-host gauges, for OTLP: the host pool is built below.
-                    hosts=(lambda: self.hosts.states()) if selected_exporters(environ, "metrics") else None,
+                    hosts=lambda: self.hosts.states(),  # the host pool is built below
+                    feed_hosts=bool(selected_exporters(environ, "metrics")),
                 )
                 self.otel.watch_exporter(supervisor.total, lambda: supervisor.restarts)
-            self.rolling = RollingStats()  # GET /otellama/stats: recent exchanges, in bounded memory
+            else:
+                self.rolling = RollingStats()  # GET /otellama/stats: recent exchanges, in bounded memory
             sinks: list[Sink] = []
-            if settings.log_file is not None:
+            if log_settings.log_file is not None:
                 log_file = JsonLog(
-                    settings.log_file, max_bytes=settings.log_max_bytes, backups=settings.log_backups
+                    log_settings.log_file,
+                    max_bytes=log_settings.log_max_bytes,
+                    backups=log_settings.log_backups,
                 )
                 sinks.append(JsonLogSink(log_file, self.otel.log_failed))
-            sinks += [self.otel, self.rolling]
+            if self.rolling is not None:
+                sinks += [self.otel, self.rolling]
             recorder = self.telemetry = Telemetry(settings, self.otel, sinks)
             if self.otel.tracing and "httpx" in disabled_instrumentations(environ):
                 self.transport = TraceparentTransport(self.transport)
@@ -182,6 +196,17 @@ class App:
             ]
         )
         self._background: list[asyncio.Task[Any]] = []
+
+    def _spool_settings(self, settings: Settings) -> Settings:
+        """``settings`` with a private spool as the log, for the exporter to follow when no log is wanted;
+        unchanged (export stays in this process) where no temporary directory can be made."""
+        try:
+            self._spool = tempfile.mkdtemp(prefix="otellama-spool-")
+        except OSError as exc:
+            log.warning("no temporary directory for the export spool (%s); exporting from this process", exc)
+            return settings
+        spool = Path(self._spool) / "spool.jsonl"
+        return dataclasses.replace(settings, log_file=spool, log_max_bytes=SPOOL_BYTES, log_backups=1)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -231,16 +256,30 @@ class App:
             return Response(status_code=404)  # a custom recorder replaced telemetry
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(self.otel.prometheus(), media_type=CONTENT_TYPE_LATEST)
+        own = self.otel.prometheus()
+        if self.supervisor is None:
+            return Response(own, media_type=CONTENT_TYPE_LATEST)
+        rendered = await self.supervisor.ask({"metrics": self.supervisor.report()})
+        if rendered is None:
+            return _exporter_unavailable()
+        # The exporter's families, and the few only this process knows (log failures, exporter restarts).
+        return Response(merge_expositions(rendered, own), media_type=CONTENT_TYPE_LATEST)
 
     async def stats(self, request: Request) -> Response:
         """``GET /otellama/stats[?window=1h]``: recent exchanges per model, as ``otellama report --json``."""
-        if self.rolling is None:
+        if self.otel is None:
             return Response(status_code=404)  # a custom recorder replaced telemetry
         try:
             window = parse_window(request.query_params.get("window"))
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
+        if self.supervisor is not None:
+            answer = await self.supervisor.ask({"stats": window})
+            if answer is None:
+                return _exporter_unavailable()
+            return Response(answer, media_type="application/json")
+        if self.rolling is None:
+            return Response(status_code=404)  # a custom recorder replaced telemetry
         # Sorting a full window takes a while: off the event loop, so that proxying carries on.
         return JSONResponse(await asyncio.to_thread(self.rolling.summary, window))
 
@@ -291,6 +330,8 @@ class App:
                 # Nothing is lost when that is no time at all: the rest goes out after the next start.
                 left = max(grace - (time.monotonic() - began), 0.0)
             await self.supervisor.stop(left)
+        if self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -307,6 +348,15 @@ class App:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _exporter_unavailable() -> Response:
+    # A failed scrape (Prometheus records it as such), never counters that read as zero.
+    return JSONResponse(
+        {"error": "the exporter process, which keeps the metrics and stats, did not answer (restarting?)"},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
 
 
 def create_app(

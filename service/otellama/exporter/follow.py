@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Final, NamedTuple
 
@@ -74,9 +75,13 @@ def mark_end(log_path: Path) -> None:
 
 class LogFollower:
     """Reads complete lines from the log at ``path`` (rotated as :class:`~otellama.sinks.jsonlog.JsonLog`
-    rotates it, ``backups`` files kept), starting at the saved position; :meth:`commit` saves a new one."""
+    rotates it, ``backups`` files kept), starting at the saved position; :meth:`commit` saves a new one.
 
-    def __init__(self, path: Path, backups: int) -> None:
+    A follower given ``start`` begins there instead and keeps no saved position (it never commits): the
+    exporter's live view of the metrics and the stats window, which only has to be current.
+    """
+
+    def __init__(self, path: Path, backups: int, start: Position | None = None) -> None:
         self.path = path
         self.backups = backups
         self.state = state_path(path)
@@ -89,7 +94,7 @@ class LogFollower:
         self._offset = 0  # of the first byte not yet returned as part of a line
         self._buffer = b""
         self._known: list[tuple[tuple[int, bytes], int]] = []  # the files as last listed, oldest first
-        self._resume()
+        self._resume(start)
 
     # --- reading ---------------------------------------------------------------------------------------
     def read(self, max_lines: int) -> tuple[list[bytes], Position]:
@@ -153,7 +158,10 @@ class LogFollower:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 try:
                     status = os.fstat(fd)
-                    found.append(((status.st_ino, os.pread(fd, _HEAD, 0)), status.st_size))
+                    # A log that is no regular file (/dev/full, a FIFO) holds nothing to read back: a device
+                    # would hand out bytes for ever.
+                    if stat.S_ISREG(status.st_mode):
+                        found.append(((status.st_ino, os.pread(fd, _HEAD, 0)), status.st_size))
                 finally:
                     os.close(fd)
         return found
@@ -164,7 +172,8 @@ class LogFollower:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 continue
-            if os.fstat(fd).st_ino == inode:
+            status = os.fstat(fd)
+            if status.st_ino == inode and stat.S_ISREG(status.st_mode):
                 self.close()
                 self._fd, self._inode, self._offset, self._buffer = fd, inode, offset, b""
                 os.lseek(fd, offset, os.SEEK_SET)
@@ -172,8 +181,8 @@ class LogFollower:
             os.close(fd)
         return False
 
-    def _resume(self) -> None:
-        saved = load_position(self.state)
+    def _resume(self, start: Position | None) -> None:
+        saved = start or load_position(self.state)
         self._committed = saved or Position(0, 0)
         self._known = self._identify()
         if saved is not None and self._open(saved.inode, saved.offset):

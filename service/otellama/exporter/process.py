@@ -1,19 +1,24 @@
 """``python -m otellama exporter``: follow the log, render, export, save the position; report to the proxy.
 
-One loop: read a batch of lines from the saved position, rebuild each record (:meth:`Record.from_json`),
-record its metrics (exemplars: the GenAI span's ids) and render its spans, export the spans synchronously,
-and save the position after the batch only once every span exporter accepted it. A failed export is retried
+One loop: read a batch of lines from the saved position, rebuild each record (:meth:`Record.from_json`) and
+render its spans, export the spans synchronously, and save the position after the batch only once every span
+exporter accepted it. A failed export is retried
 with a growing pause (up to :data:`RETRY_MAX` seconds) and never skipped, so a collector that is down for
 ten minutes gets every span of those minutes once it is back, in order, with the original ids and times.
 Delivery is at least once: a process killed between an accepted export and saving the position sends that
 one batch again after its restart (backends keyed on span ids keep one copy).
 
-Metrics go through the SDK's periodic readers, cumulatively, so a metric export that fails is caught up by
-the next that succeeds. The process exits when its parent (the proxy) is gone, and on SIGTERM exports to the
-end of the log and exits (the proxy kills it if that takes longer than the shutdown grace; what was not
-exported then is exported after the next start, from the saved position).
+Metrics and the stats window are the live view's (:mod:`~otellama.exporter.live`), a thread that reads
+the same lines as soon as they are logged, whatever the collector does. Metrics go through the SDK's
+periodic readers, cumulatively, so a metric export that fails is caught up by the next that succeeds;
+the proxy's ``/otellama/metrics`` and ``/otellama/stats`` are answered from here
+(:mod:`~otellama.exporter.relay`).
 
-Each second it writes one JSON line of counters to stdout for the proxy's ``/otellama/metrics``.
+The process exits when its parent (the proxy) is gone, and on SIGTERM exports to the end of the log and
+exits (the proxy kills it if that takes longer than the shutdown grace; what was not exported then is
+exported after the next start, from the saved position).
+
+Each second it writes one JSON line of counters to stdout for the proxy's own metrics (restarts, drops).
 """
 
 from __future__ import annotations
@@ -37,22 +42,25 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from otellama.exchange import HostState, LoadedModel
-from otellama.exporter.follow import LogFollower
+from otellama.exporter.follow import LogFollower, Position
+from otellama.exporter.live import LiveView
+from otellama.exporter.relay import RelayServer
 from otellama.observe.record import Record
 from otellama.settings import Settings
-from otellama.sinks.capper import Capper
 from otellama.sinks.complaints import Complaints
 from otellama.sinks.otel.aggregates import Aggregates
 from otellama.sinks.otel.export import (
     CountingMetricExporter,
+    disabled,
     metric_exporters,
     quiet_sdk_exporters,
     resource,
     span_exporters,
 )
 from otellama.sinks.otel.hosts import HostGauges
-from otellama.sinks.otel.metrics import Instruments, record_metrics
+from otellama.sinks.otel.metrics import Instruments
 from otellama.sinks.otel.spans import SCOPE, render_spans
+from otellama.sinks.stats import RollingStats
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,11 @@ _REPORT_LIMIT: Final = 1 << 20
 EXPORTER_NICENESS: Final = 10
 #: Seconds between two status lines to the proxy.
 STATUS_EVERY: Final = 1.0
+#: Seconds between two reads of the log for the metrics and the stats (an answer to the proxy reads first).
+LIVE_EVERY: Final = 0.25
+#: The environment the supervisor passes: the relay's socket, and where the live view starts ("inode:offset").
+SOCKET_VARIABLE: Final = "OTELLAMA_EXPORTER_SOCKET"
+FROM_VARIABLE: Final = "OTELLAMA_EXPORTER_FROM"
 
 
 class Exporter:
@@ -80,6 +93,8 @@ class Exporter:
         span_export: Sequence[SpanExporter] | None = None,
         metric_readers: Sequence[MetricReader] | None = None,
         status: TextIO | None = None,
+        prometheus: bool = False,
+        live_from: Position | None = None,
     ) -> None:
         if settings.log_file is None:
             raise ValueError("the exporter follows the JSONL log; OTELLAMA_LOG_FILE is off")
@@ -90,23 +105,38 @@ class Exporter:
         if metric_readers is None:
             for exporter in metric_exporters(environ):
                 readers.append(PeriodicExportingMetricReader(CountingMetricExporter(exporter, self._failed)))
+        #: What the proxy's ``/otellama/metrics`` shows (when ``prometheus``: the proxy relays to us).
+        self.registry: Any = None
+        if prometheus:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+            from prometheus_client import CollectorRegistry
+
+            self.registry = CollectorRegistry()
+            readers.append(PrometheusMetricReader(registry=self.registry))
         self._sdk_lines = quiet_sdk_exporters()
         self._complain = Complaints(log)
         self.meter_provider = MeterProvider(
             metric_readers=readers, resource=self.resource, exemplar_filter=TraceBasedExemplarFilter()
         )
         self.aggregates = Aggregates(self.resource, SCOPE, exemplars=True)
-        for reader in readers:
-            self.aggregates.attach(reader)
+        if not disabled(environ):  # a disabled SDK's meters record nothing; ours follow suit (README)
+            for reader in readers:
+                self.aggregates.attach(reader)
         self.instruments = Instruments(
             self.meter_provider.get_meter(SCOPE.name, SCOPE.version), self.aggregates
         )
-        self.metrics = bool(readers)
         #: What each Ollama host holds, as the proxy last reported it (the per-host gauges read it).
         self.hosts: list[HostState] = []
         HostGauges(self.meter_provider.get_meter(SCOPE.name, SCOPE.version), lambda: self.hosts)
-        self.cap = Capper()
+        self._reported: dict[tuple[tuple[str, str], ...], int] = {}
+        self._report_lock = threading.Lock()
         self.follower = LogFollower(settings.log_file, settings.log_backups)
+        #: Metrics and the stats window, read from the log apart from the span export (module docstring).
+        self.live = LiveView(
+            LogFollower(settings.log_file, settings.log_backups, start=live_from),
+            self.instruments if readers else None,
+            RollingStats(),
+        )
         self.draining = threading.Event()
         self._status = status
         #: Set when the proxy's end of our stdin closed: it is gone, and we go too.
@@ -118,25 +148,13 @@ class Exporter:
         Unbuffered reads: a daemon thread blocked in a buffered reader would hold its lock at exit."""
 
         def run() -> None:
-            reported: dict[tuple[tuple[str, str], ...], int] = {}
             pending = b""
             while chunk := _read(fd):
                 *lines, pending = (pending + chunk).split(b"\n")
                 pending = pending[-_REPORT_LIMIT:]
                 for line in lines[-1:]:  # only the latest report counts
-                    try:
-                        report = orjson.loads(line)
-                        now = {
-                            tuple((str(k), str(v)) for k, v in key): int(n) for key, n in report["in_flight"]
-                        }
-                        if "hosts" in report:
-                            self.hosts = [_host_state(state) for state in report["hosts"]]
-                    except (ValueError, KeyError, TypeError):
-                        continue
-                    for key in reported.keys() | now.keys():
-                        # Adding 0 makes the series exist: an idle proxy reports 0 in flight, not nothing.
-                        self.instruments.in_flight.add(now.get(key, 0) - reported.get(key, 0), key)
-                    reported = now
+                    with contextlib.suppress(ValueError):
+                        self.apply_report(orjson.loads(line))
             # End of the pipe: the proxy is gone (killed, or it closed it to stop us). Only the proxy holds
             # its other end, so this is the one sure sign: getppid() is no use in a PID namespace, where
             # the parent can read as 1 from the start.
@@ -146,6 +164,37 @@ class Exporter:
         mode = os.fstat(fd).st_mode
         if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):  # asyncio: a pipe; uvloop: a socket pair
             threading.Thread(target=run, name="in-flight", daemon=True).start()
+
+    def apply_report(self, report: Any) -> None:
+        """Take the proxy's in-flight gauge and host states (``report``); raises ValueError on a bad one."""
+        try:
+            now = {tuple((str(k), str(v)) for k, v in key): int(n) for key, n in report["in_flight"]}
+            hosts = [_host_state(state) for state in report["hosts"]] if "hosts" in report else None
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a report: {exc!r}") from exc
+        with self._report_lock:
+            if hosts is not None:
+                self.hosts = hosts
+            reported = self._reported
+            for key in reported.keys() | now.keys():
+                # Adding 0 makes the series exist: an idle proxy reports 0 in flight, not nothing.
+                self.instruments.in_flight.add(now.get(key, 0) - reported.get(key, 0), key)
+            self._reported = now
+
+    def answer(self, request: Mapping[str, Any]) -> bytes:
+        """The relay's answer (:mod:`~otellama.exporter.relay`): the Prometheus text, or the stats window."""
+        if "metrics" in request:
+            self.apply_report(request["metrics"])
+            self.live.catch_up()
+            if self.registry is None:
+                raise ValueError("no Prometheus reader here")
+            from prometheus_client import generate_latest
+
+            return bytes(generate_latest(self.registry))
+        if "stats" in request:
+            self.live.catch_up()
+            return orjson.dumps(self.live.stats.summary(float(request["stats"])))
+        raise ValueError(f"unknown request {sorted(request)}")
 
     def _failed(self, signal_name: str) -> None:
         self.counts[f"failed_{signal_name}"] += 1
@@ -162,18 +211,16 @@ class Exporter:
         if not lines:
             return 0
         spans: list[ReadableSpan] = []
-        for raw in lines:
+        for raw in lines if self.span_exporters else ():
             try:
                 record = Record.from_json(orjson.loads(raw))
             except (KeyError, TypeError, ValueError, AttributeError):
                 self.follower.skipped_lines += 1
                 continue
-            ids = record.ids
-            exemplar = (ids.trace_id, ids.genai_span_id or ids.server_span_id) if ids.sampled else None
+            if not record.ids.sampled:
+                continue
             try:
-                rendered = render_spans(record, self.resource) if self.span_exporters and ids.sampled else []
-                if self.metrics:
-                    record_metrics(self.instruments, record, self.cap, exemplar)
+                rendered = render_spans(record, self.resource)
             except Exception as exc:  # one line we cannot render must not stop every line after it
                 self.follower.skipped_lines += 1
                 self._complain("a logged record could not be rendered and was skipped: %r", exc)
@@ -239,6 +286,10 @@ class Exporter:
 
     def run(self) -> int:
         """Export until drained (SIGTERM) or orphaned; returns the exit code."""
+        live = threading.Thread(
+            target=self.live.run, args=(self.draining, LIVE_EVERY), name="live", daemon=True
+        )
+        live.start()
         try:
             self._loop(0.0)
         except _Stop:
@@ -246,6 +297,10 @@ class Exporter:
         finally:
             self.report()
             self.follower.close()
+            live.join()
+            with contextlib.suppress(OSError):
+                self.live.catch_up()  # the last lines' metrics go out with the last metric export
+            self.live.follower.close()
             self.meter_provider.shutdown()  # a last metric export
             for exporter in self.span_exporters:
                 exporter.shutdown()
@@ -285,7 +340,18 @@ def main(environ: Mapping[str, str] | None = None) -> int:
         os.nice(EXPORTER_NICENESS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env(env)
-    exporter = Exporter(settings, env, status=sys.stdout)
+    socket_path = env.get(SOCKET_VARIABLE)
+    exporter = Exporter(
+        settings,
+        env,
+        status=sys.stdout,
+        prometheus=bool(socket_path),
+        live_from=_position(env.get(FROM_VARIABLE)),
+    )
+    relay = None
+    if socket_path:
+        relay = RelayServer(socket_path, exporter.answer)
+        relay.start()  # before the first status line, which tells the proxy it may ask
 
     def drain(signum: int, frame: Any) -> None:
         exporter.draining.set()
@@ -295,7 +361,19 @@ def main(environ: Mapping[str, str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack on stderr, for a hang
     exporter.listen(sys.stdin.fileno())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the proxy decides when we stop
-    return exporter.run()
+    try:
+        return exporter.run()
+    finally:
+        if relay is not None:
+            relay.close()
+
+
+def _position(text: str | None) -> Position | None:
+    """``inode:offset`` (the supervisor's :data:`FROM_VARIABLE`) as a position; None if absent or bad."""
+    with contextlib.suppress(AttributeError, ValueError):
+        inode, offset = str(text).split(":")
+        return Position(int(inode), int(offset))
+    return None
 
 
 def _host_state(value: Mapping[str, Any]) -> HostState:

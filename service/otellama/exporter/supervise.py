@@ -1,9 +1,10 @@
 """The proxy's side of the exporter process: start it, read its status, restart it when it dies, stop it.
 
 Nothing here waits for the exporter on the proxy's path: records reach it through the JSONL log, which the
-proxy writes whatever the exporter does. The child runs in a session of its own, so a Ctrl-C or a signal to
-the proxy's process group reaches the proxy only, and the proxy stops it in order (:meth:`Supervisor.stop`):
-after the last request drained and the log was closed.
+proxy writes whatever the exporter does. Only ``/otellama/metrics`` and ``/otellama/stats`` wait for it
+(:meth:`Supervisor.ask`): their numbers live there. The child runs in a session of its own, so a Ctrl-C or a
+signal to the proxy's process group reaches the proxy only, and the proxy stops it in order
+(:meth:`Supervisor.stop`): after the last request drained and the log was closed.
 """
 
 from __future__ import annotations
@@ -13,16 +14,21 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
 
 import orjson
 
 from otellama.exchange import HostState
+from otellama.exporter import relay
 from otellama.exporter.follow import mark_end
+from otellama.exporter.process import FROM_VARIABLE, SOCKET_VARIABLE
 from otellama.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,9 @@ RESTART_MAX: Final = 30.0
 STABLE_AFTER: Final = 60.0
 #: Seconds between two in-flight reports to the exporter.
 IN_FLIGHT_EVERY: Final = 1.0
+#: Seconds ``/otellama/metrics`` and ``/otellama/stats`` wait for the exporter's answer (Prometheus's
+#: default scrape timeout is 10).
+ASK_TIMEOUT: Final = 8.0
 #: How long a status line may be.
 _STATUS_LIMIT: Final = 64 * 1024
 
@@ -53,6 +62,7 @@ class Supervisor:
         in_flight: Callable[[], Mapping[tuple[tuple[str, str], ...], int]] = dict,
         instance_id: str | None = None,
         hosts: Callable[[], Sequence[HostState]] | None = None,
+        feed_hosts: bool = False,
     ) -> None:
         if settings.log_file is None:
             raise ValueError("the exporter follows the JSONL log; OTELLAMA_LOG_FILE is off")
@@ -62,6 +72,9 @@ class Supervisor:
         self._on_failures = on_failures
         self._in_flight = in_flight
         self._hosts = hosts
+        # Reading the host states can make the proxy ask a single Ollama /api/ps: only when the exporter
+        # sends metrics on its own (OTLP); else only when a scrape reads them.
+        self._feed_hosts = feed_hosts
         self.instance_id = instance_id
         self.status: dict[str, int] = {}
         self._earlier: dict[str, int] = {}  # the counters of lives that ended
@@ -69,16 +82,23 @@ class Supervisor:
         self.process: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        # Set by the running exporter's first status line: its SIGTERM handler is in place.
+        # Set by the running exporter's first status line: its SIGTERM handler and relay are in place.
         self._ready = asyncio.Event()
+        # The relay's socket, in a directory only this user can enter (made at start, removed at stop).
+        self._directory: str | None = None
+        self._from = ""  # where the log ended when the proxy started: the live view's start
 
     async def start(self) -> None:
         """Start the exporter (after saving "the end of the log" as its place on a first run)."""
-        assert self.settings.log_file is not None
+        log_file = self.settings.log_file
+        assert log_file is not None
         try:
-            await asyncio.to_thread(mark_end, self.settings.log_file)
+            await asyncio.to_thread(mark_end, log_file)
+            status = os.stat(log_file)
+            self._from = f"{status.st_ino}:{status.st_size}"
         except OSError as exc:  # an unwritable log never stops otellama (the log sink says so itself)
-            log.warning("cannot mark the exporter's place in the log %s: %s", self.settings.log_file, exc)
+            log.warning("cannot mark the exporter's place in the log %s: %s", log_file, exc)
+        self._directory = tempfile.mkdtemp(prefix="otellama-exporter-")
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def _spawn(self) -> asyncio.subprocess.Process:
@@ -89,6 +109,9 @@ class Supervisor:
             instance = f"service.instance.id={self.instance_id}"
             environ["OTEL_RESOURCE_ATTRIBUTES"] = f"{attributes},{instance}" if attributes else instance
         environ["OTELLAMA_LOG_BACKUPS"] = str(self.settings.log_backups)
+        environ[FROM_VARIABLE] = self._from
+        if self._directory is not None:
+            environ[SOCKET_VARIABLE] = self._socket()
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -105,7 +128,6 @@ class Supervisor:
         pause = RESTART_FIRST
         while not self._stopping:
             started = time.monotonic()
-            self._ready = asyncio.Event()
             try:
                 self.process = await self._spawn()
             except OSError as exc:
@@ -114,6 +136,8 @@ class Supervisor:
                 feeding = asyncio.get_running_loop().create_task(self._feed(self.process))
                 await self._read(self.process)
                 code = await self.process.wait()
+                # Cleared, not replaced: whoever waits for the exporter now waits for its next life.
+                self._ready.clear()
                 feeding.cancel()
                 self._earlier = self.total()
                 self._current = {}
@@ -159,13 +183,31 @@ class Supervisor:
         assert stdin is not None
         while process.returncode is None:
             if stdin.transport.get_write_buffer_size() < _STATUS_LIMIT:  # a stuck child grows no buffer
-                pairs = [[list(map(list, key)), value] for key, value in self._in_flight().items()]
-                report: dict[str, object] = {"in_flight": pairs}
-                if self._hosts is not None:
-                    report["hosts"] = [dataclasses.asdict(state) for state in self._hosts()]
                 with contextlib.suppress(OSError, RuntimeError):
-                    stdin.write(orjson.dumps(report) + b"\n")
+                    stdin.write(orjson.dumps(self.report(hosts=self._feed_hosts)) + b"\n")
             await asyncio.sleep(IN_FLIGHT_EVERY)
+
+    def report(self, *, hosts: bool = True) -> dict[str, Any]:
+        """What lives in this process that the exporter shows: requests in flight, and the hosts' states."""
+        pairs = [[list(map(list, key)), value] for key, value in self._in_flight().items()]
+        report: dict[str, Any] = {"in_flight": pairs}
+        if hosts and self._hosts is not None:
+            report["hosts"] = [dataclasses.asdict(state) for state in self._hosts()]
+        return report
+
+    def _socket(self) -> str:
+        assert self._directory is not None
+        return str(Path(self._directory) / "relay.sock")
+
+    async def ask(self, request: Mapping[str, Any], within: float = ASK_TIMEOUT) -> bytes | None:
+        """The exporter's answer to a relay ``request`` (:mod:`~otellama.exporter.relay`), waiting for it to
+        be ready (a restart) ``within`` seconds; None if it gave none."""
+        if self._directory is None:
+            return None
+        began = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), within)
+        return await relay.ask(self._socket(), request, max(within - (time.monotonic() - began), 0.1))
 
     def total(self) -> dict[str, int]:
         """The exporter's counters over all its lives (``behind_bytes`` is the latest, not a sum)."""
@@ -208,6 +250,8 @@ class Supervisor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
 
 
 def _describe(code: int) -> str:

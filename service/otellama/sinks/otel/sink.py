@@ -7,6 +7,11 @@ metric and span export when an endpoint is configured. Spans are built finished 
 :func:`~otellama.sinks.otel.spans.render_spans` and handed to the provider's span processors; the metrics
 recorded for every exchange are aggregated by :mod:`~otellama.sinks.otel.aggregates`, the rare failure
 counters by the SDK.
+
+With ``export_here=False`` (``otellama serve``: the exporter process renders spans, metrics and the stats
+from the log) this sink only picks each exchange's trace context, keeps the in-flight count the exporter is
+told, catches the upstream call's span for the record, and counts what only this process sees (log write
+failures, the exporter's restarts): no per-exchange metric is recorded here.
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ class OtelSink:
         from prometheus_client import CollectorRegistry
 
         env = os.environ if environ is None else environ
+        #: Whether spans, metrics and the in-flight gauge are rendered in this process (module docstring).
+        self.export_here = export_here
         self._complain = Complaints(log)
         self._own_providers: list[Any] = []
         self.registry = CollectorRegistry()
@@ -140,7 +147,10 @@ class OtelSink:
         self._trace_headers = frozenset(f.lower().encode("latin-1") for f in get_global_textmap().fields)
 
     def watch_hosts(self, states: HostStates) -> None:
-        """Report the per-host gauges (:mod:`~otellama.sinks.otel.hosts`) from ``states``."""
+        """Report the per-host gauges (:mod:`~otellama.sinks.otel.hosts`) from ``states`` (here only when
+        this process renders the metrics: else the exporter is told the states)."""
+        if not self.export_here:
+            return
         HostGauges(self.meter_provider.get_meter(SCOPE.name, SCOPE.version), states)
 
     # --- per exchange ----------------------------------------------------------------------------------
@@ -148,7 +158,8 @@ class OtelSink:
         """The request arrived: count it in flight, pick its trace ids and make them the current context,
         so that the traced upstream call becomes a child of the GenAI span-to-be."""
         operation: Key = ((semconv.OPERATION, endpoint.operation),) if endpoint is not None else ()
-        self.instruments.in_flight.add(1, operation)
+        if self.export_here:
+            self.instruments.in_flight.add(1, operation)
         in_flight = self.in_flight_now
         in_flight[operation] = in_flight.get(operation, 0) + 1
         parent_context = None
@@ -185,7 +196,8 @@ class OtelSink:
 
     def stop(self, started: Started) -> TraceIds:
         """The exchange is over: no longer in flight; its ids, with the phase spans' drawn if it has any."""
-        self.instruments.in_flight.add(-1, started.operation)
+        if self.export_here:
+            self.instruments.in_flight.add(-1, started.operation)
         self.in_flight_now[started.operation] -= 1
         if started.token is not None:
             otel_context.detach(started.token)
@@ -206,7 +218,10 @@ class OtelSink:
 
     # --- the sink ----------------------------------------------------------------------------------------
     def write(self, record: Record) -> None:
-        """Render the record's spans (if sampled) and record its metrics, with its span as exemplar."""
+        """Render the record's spans (if sampled) and record its metrics, with its span as exemplar (only
+        when this process renders them: else the exporter does, from the log)."""
+        if not self.export_here:
+            return
         exemplar = None
         if self._spans is not None and record.ids.sampled:
             try:
