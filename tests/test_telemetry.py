@@ -20,6 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from otellama.app import create_app
 from otellama.emulator import EmulatorSettings, create_emulator
+from otellama.exchange import Exchange
+from otellama.observe.ollama import endpoint_for
 from otellama.settings import Settings, Upstream
 from otellama.sinks.capper import LIMIT as CARDINALITY_LIMIT
 from otellama.sinks.fanout import capture_content
@@ -223,6 +225,31 @@ def test_a_disabled_sdk_records_no_metrics(monkeypatch: pytest.MonkeyPatch) -> N
     enabled = OtelSink(environ={})
     enabled.instruments.requests.add(1, (("outcome", "ok"),))
     assert b"ollama_requests_total" in enabled.prometheus()
+
+
+@pytest.mark.parametrize("sampler", ["parentbased_always_on", "parentbased_traceidratio"])
+@pytest.mark.parametrize(("flags", "sampled"), [("01", True), ("00", False), (None, True)])
+def test_the_callers_sampling_decision_is_kept_whichever_way_the_sampler_is_asked(
+    monkeypatch: pytest.MonkeyPatch, sampler: str, flags: str | None, sampled: bool
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)  # read by the SDK's TracerProvider
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "1.0")
+    otel = OtelSink(tracer_provider=TracerProvider(), environ={})
+    # The SDK's default sampler is decided without asking it; any other is asked (both paths tested).
+    assert otel._default_sampler is (sampler == "parentbased_always_on")
+    headers = [(b"traceparent", f"00-{'ab' * 16}-{'cd' * 8}-{flags}".encode())] if flags else []
+    now = time.perf_counter()
+    exchange = Exchange(
+        method="POST",
+        path="/api/chat",
+        query=b"",
+        request_headers=headers,
+        started_at=time.time(),
+        t_start=now,
+    )
+    ids = otel.stop(otel.start(exchange, endpoint_for("POST", "/api/chat")))
+    assert ids.sampled is sampled
+    assert (ids.trace_id == int("ab" * 16, 16)) is (flags is not None)
 
 
 def test_openai_exchange_has_usage_but_no_ollama_durations(rig: Callable[..., Rig]) -> None:

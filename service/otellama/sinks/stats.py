@@ -7,7 +7,8 @@ overwrites its oldest slots, so memory is fixed whatever the uptime and the traf
 traffic would read as a slow leak for the first 100,000 exchanges): about 110 bytes an exchange, ~11 MB at the
 default capacity, plus the model names (at most :data:`~otellama.sinks.capper.LIMIT` distinct ones; later
 newcomers are counted as ``other``, as in the metrics). Adding an exchange is a handful of array stores under
-a lock (about a microsecond), done when the proxy records it.
+a lock (about a microsecond), done as the exporter process reads each logged line
+(:mod:`otellama.exporter.live`), or by the proxy itself when it renders telemetry in-process.
 
 A summary covers the exchanges that *ended* within the window (default 15 minutes, at most
 :data:`MAX_WINDOW`). When traffic is so heavy that the ring holds less than the window, the answer says so

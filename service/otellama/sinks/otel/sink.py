@@ -29,7 +29,7 @@ from opentelemetry.propagate import extract, get_global_textmap
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, TraceBasedExemplarFilter
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider, sampling
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
@@ -128,6 +128,7 @@ class OtelSink:
                 tracer_provider.add_span_processor(CountedBatchSpanProcessor(exporter_, meter_provider))
         self.tracer_provider = tracer_provider
         self.sampler = tracer_provider.sampler
+        self._default_sampler = self.sampler is sampling.DEFAULT_ON
         # Finished spans go straight to the provider's processors (see render_spans). A provider disabled
         # by OTEL_SDK_DISABLED hands out a no-op tracer, which has none.
         tracer = tracer_provider.get_tracer(SCOPE.name, SCOPE.version)
@@ -173,7 +174,11 @@ class OtelSink:
         server_span_id = bits(64)
         genai_span_id = bits(64) if endpoint is not None else None
         sampled = True
-        if self.tracing:
+        if self.tracing and self._default_sampler:
+            # The SDK's default, ParentBased(AlwaysOn), decides as the parent did, else samples: no need to
+            # build the SDK's sampling result for every request.
+            sampled = parent.trace_flags.sampled if parent.is_valid else True
+        elif self.tracing:
             decision = self.sampler.should_sample(
                 parent_context if parent.is_valid else None, trace_id, exchange.path, SpanKind.SERVER
             )
