@@ -54,10 +54,6 @@ BODY_CAP: Final = 8 * 1024 * 1024
 #: finish chunk, usage chunk and ``[DONE]`` with the blank and ``event:`` lines between them.
 TAIL_LINES: Final = 8
 
-_NATIVE_CONTENT: Final = ("response", "thinking")
-_MESSAGE_CONTENT: Final = ("content", "thinking", "tool_calls")
-_DELTA_CONTENT: Final = ("content", "reasoning", "reasoning_content", "tool_calls")
-
 
 @dataclasses.dataclass(frozen=True)
 class Observation:
@@ -113,10 +109,16 @@ def _nonempty(value: object) -> bool:
 
 
 def _has_content(obj: dict[str, Any]) -> bool:
-    if any(_nonempty(obj.get(key)) for key in _NATIVE_CONTENT):
+    # Spelled out rather than any() over the key lists: a generator costs more than the lookups, and this
+    # runs for every line until content starts.
+    if _nonempty(obj.get("response")) or _nonempty(obj.get("thinking")):
         return True
     message = obj.get("message")
-    if isinstance(message, dict) and any(_nonempty(message.get(key)) for key in _MESSAGE_CONTENT):
+    if isinstance(message, dict) and (
+        _nonempty(message.get("content"))
+        or _nonempty(message.get("thinking"))
+        or _nonempty(message.get("tool_calls"))
+    ):
         return True
     choices = obj.get("choices")
     if not isinstance(choices, list):
@@ -127,7 +129,12 @@ def _has_content(obj: dict[str, Any]) -> bool:
         if _nonempty(choice.get("text")):
             return True
         delta = choice.get("delta", choice.get("message"))
-        if isinstance(delta, dict) and any(_nonempty(delta.get(key)) for key in _DELTA_CONTENT):
+        if isinstance(delta, dict) and (
+            _nonempty(delta.get("content"))
+            or _nonempty(delta.get("reasoning"))
+            or _nonempty(delta.get("reasoning_content"))
+            or _nonempty(delta.get("tool_calls"))
+        ):
             return True
     return False
 
