@@ -55,9 +55,12 @@ BODY_CAP: Final = 8 * 1024 * 1024
 TAIL_LINES: Final = 8
 
 
-@dataclasses.dataclass(frozen=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, 4 us per exchange for these
+# 22 fields against under 2 for plain slots. It is a value all the same: nothing assigns to an observation.
+@dataclasses.dataclass(slots=True)
 class Observation:
-    """What one response body showed. Times are the ``now`` values the proxy passed in."""
+    """What one response body showed. Times are the ``now`` values the proxy passed in. A value: read it,
+    never assign to it (``dataclasses.replace`` makes a changed copy)."""
 
     framing: str
     started_at: float
