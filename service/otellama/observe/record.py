@@ -14,7 +14,7 @@ import dataclasses
 import datetime as dt
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from otellama.exchange import CANCELLED, ERROR, OK, Exchange
 from otellama.observe import ollama
@@ -469,6 +469,10 @@ def _outcome(
     return OK, None, None
 
 
+#: The timings of an exchange without a final object: all unknown. Shared, as a Timings is immutable.
+_NO_TIMINGS: Final = ollama.Timings()
+
+
 def _streamed(observation: Observation | None) -> bool | None:
     if observation is None or observation.framing == ollama.Framing.OTHER:
         return None
@@ -488,45 +492,69 @@ def build(
     upstream_span: CallSpan | None = None,
 ) -> Record:
     """Make the record of a finished exchange. Pure: the same inputs give the same record."""
+    # Runs for every exchange: the observation is branched on once, and instants are converted inline.
     endpoint = ollama.endpoint_for(exchange.method, exchange.path)
     request = parse_request(endpoint, exchange.request_body, capture=capture_content)
     outcome, error, error_type = _outcome(exchange, observation, endpoint is not None)
-    if exchange.outcome == CANCELLED and observation is not None and observation.content_chunks:
-        error = f"client disconnected after {observation.content_chunks} content chunks"
-
-    def epoch(t: float | None) -> int | None:
-        return None if t is None else start_ns + round((t - exchange.t_start) * 1e9)
-
     start_ns = round(exchange.started_at * 1e9)
-    timings = observation.timings if observation is not None and observation.timings else ollama.Timings()
-    if (timings.done_reason is not None and len(timings.done_reason) > LABEL_LIMIT) or (
-        timings.model is not None and len(timings.model) > FIELD_LIMIT
-    ):
-        timings = dataclasses.replace(
-            timings,
-            done_reason=None if timings.done_reason is None else clip(timings.done_reason, LABEL_LIMIT),
-            model=None if timings.model is None else clip(timings.model),
-        )
-    response_model = observation.response_model if observation is not None else None
-    if response_model is not None:
-        response_model = clip(response_model)
-    finish_reasons = observation.finish_reasons if observation is not None else ()
-    if any(len(reason) > LABEL_LIMIT for reason in finish_reasons):
-        finish_reasons = tuple(clip(reason, LABEL_LIMIT) for reason in finish_reasons)
-    client = next((v for k, v in exchange.request_headers if k == client_header), None)
+    t_start = exchange.t_start
     output_messages = None
-    if capture_content and observation is not None and observation.output_text is not None:
-        reason = finish_reasons[0] if finish_reasons else None
-        output_messages = capped(
-            [text_message("assistant", observation.output_text, finish_reason=reason)], newest=False
+    if observation is None:
+        timings = _NO_TIMINGS
+        response_model: str | None = None
+        first_content_ns: int | None = None
+        input_tokens: int | None = None
+        output_tokens: int | None = None
+        finish_reasons: tuple[str, ...] = ()
+        chunks = exchange.chunks
+    else:
+        if exchange.outcome == CANCELLED and observation.content_chunks:
+            error = f"client disconnected after {observation.content_chunks} content chunks"
+        timings = observation.timings or _NO_TIMINGS
+        done_reason, answered_by = timings.done_reason, timings.model
+        if (done_reason is not None and len(done_reason) > LABEL_LIMIT) or (
+            answered_by is not None and len(answered_by) > FIELD_LIMIT
+        ):
+            timings = dataclasses.replace(
+                timings,
+                done_reason=None if done_reason is None else clip(done_reason, LABEL_LIMIT),
+                model=None if answered_by is None else clip(answered_by),
+            )
+        response_model = observation.response_model
+        if response_model is not None:
+            response_model = clip(response_model)
+        finish_reasons = observation.finish_reasons
+        for label in finish_reasons:
+            if len(label) > LABEL_LIMIT:
+                finish_reasons = tuple(clip(reason, LABEL_LIMIT) for reason in finish_reasons)
+                break
+        if capture_content and observation.output_text is not None:
+            reason = finish_reasons[0] if finish_reasons else None
+            output_messages = capped(
+                [text_message("assistant", observation.output_text, finish_reason=reason)], newest=False
+            )
+        first_content_at = observation.first_content_at
+        first_content_ns = (
+            None if first_content_at is None else start_ns + round((first_content_at - t_start) * 1e9)
         )
-    input_tokens = observation.usage_input_tokens if observation is not None else None
-    output_tokens = observation.usage_output_tokens if observation is not None else None
-    if output_tokens is None and outcome == CANCELLED and observation is not None:
-        output_tokens = observation.content_chunks or None  # tokens seen before the client left (≈ chunks)
+        input_tokens = observation.usage_input_tokens
+        output_tokens = observation.usage_output_tokens
+        if output_tokens is None and outcome == CANCELLED:
+            output_tokens = (
+                observation.content_chunks or None
+            )  # tokens seen before the client left (≈ chunks)
+        chunks = observation.chunks
+    client = None
+    for name, value in exchange.request_headers:
+        if name == client_header:
+            client = value
+            break
+    first_byte = exchange.t_first_byte
+    load = timings.load_duration
+    upstream_address = exchange.upstream_address
     return Record(
         start_ns=start_ns,
-        end_ns=epoch(exchange.t_end) or start_ns,
+        end_ns=start_ns + round((exchange.t_end - t_start) * 1e9) or start_ns,
         method=clip(exchange.method),
         endpoint=clip(endpoint_of(exchange.path)),
         operation=endpoint.operation if endpoint is not None else None,
@@ -538,12 +566,10 @@ def build(
         error=None if error is None else clip(error),
         error_type=error_type,
         done_reason=timings.done_reason,
-        chunks=observation.chunks if observation is not None else exchange.chunks,
-        first_chunk_ns=epoch(exchange.t_first_byte),
-        first_content_ns=epoch(observation.first_content_at if observation is not None else None),
-        cold_start=(
-            None if timings.load_duration is None else timings.load_duration > cold_start_seconds * 1e9
-        ),
+        chunks=chunks,
+        first_chunk_ns=None if first_byte is None else start_ns + round((first_byte - t_start) * 1e9),
+        first_content_ns=first_content_ns,
+        cold_start=None if load is None else load > cold_start_seconds * 1e9,
         client=header_text(client)[:CLIENT_NAME_LIMIT] if client else None,
         timings=timings,
         input_tokens=input_tokens,
@@ -552,14 +578,17 @@ def build(
         response_model=response_model,
         request=request,
         # With several upstreams the host that answered, else the one configured.
-        server_address=exchange.upstream_address[0] if exchange.upstream_address else server_address,
-        server_port=exchange.upstream_address[1] if exchange.upstream_address else server_port,
+        server_address=upstream_address[0] if upstream_address else server_address,
+        server_port=upstream_address[1] if upstream_address else server_port,
         ids=ids,
         output_messages=output_messages,
         upstream=exchange.upstream,
         route=exchange.route,
         retries=tuple(
-            (retry.upstream, retry.reason, epoch(retry.at) or start_ns) for retry in exchange.retries
-        ),
+            (retry.upstream, retry.reason, start_ns + round((retry.at - t_start) * 1e9) or start_ns)
+            for retry in exchange.retries
+        )
+        if exchange.retries
+        else (),
         upstream_span=upstream_span,
     )
