@@ -14,7 +14,7 @@ import dataclasses
 import datetime as dt
 import math
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any
 
 from otellama.exchange import CANCELLED, ERROR, OK, Exchange
 from otellama.observe import ollama
@@ -469,10 +469,6 @@ def _outcome(
     return OK, None, None
 
 
-#: The timings of an exchange without a final object: all unknown. Shared, as a Timings is immutable.
-_NO_TIMINGS: Final = ollama.Timings()
-
-
 def _streamed(observation: Observation | None) -> bool | None:
     if observation is None or observation.framing == ollama.Framing.OTHER:
         return None
@@ -500,7 +496,7 @@ def build(
     t_start = exchange.t_start
     output_messages = None
     if observation is None:
-        timings = _NO_TIMINGS
+        timings = ollama.Timings()
         response_model: str | None = None
         first_content_ns: int | None = None
         input_tokens: int | None = None
@@ -510,7 +506,7 @@ def build(
     else:
         if exchange.outcome == CANCELLED and observation.content_chunks:
             error = f"client disconnected after {observation.content_chunks} content chunks"
-        timings = observation.timings or _NO_TIMINGS
+        timings = observation.timings or ollama.Timings()
         done_reason, answered_by = timings.done_reason, timings.model
         if (done_reason is not None and len(done_reason) > LABEL_LIMIT) or (
             answered_by is not None and len(answered_by) > FIELD_LIMIT

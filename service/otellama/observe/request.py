@@ -62,9 +62,12 @@ def endpoint_of(path: str) -> str:
     return path
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+# Not frozen, like the Record that holds it: frozen fields are set through object.__setattr__, most of
+# what making one costs. A value all the same: nothing assigns to it (dataclasses.replace copies).
+@dataclasses.dataclass(slots=True)
 class RequestFacts:
-    """What the request body said, for GenAI endpoints whose body was small and valid JSON."""
+    """What the request body said, for GenAI endpoints whose body was small and valid JSON. A value: read
+    it, never assign to it."""
 
     parsed: bool = False
     model: str | None = None
