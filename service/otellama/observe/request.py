@@ -82,8 +82,12 @@ class RequestFacts:
     input_messages: tuple[dict[str, Any], ...] | None = None
 
 
+# A tuple, not ``int | float``: that expression builds a union object at every call.
+_NUMBER: Final = (int, float)
+
+
 def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    return float(value) if isinstance(value, _NUMBER) and not isinstance(value, bool) else None
 
 
 def _integer(value: object) -> int | None:
