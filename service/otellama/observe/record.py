@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,8 +72,8 @@ class CallSpan:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "span_id": _hex(self.span_id, 16),
-            "parent_span_id": _hex(self.parent_span_id, 16),
+            "span_id": f"{self.span_id:016x}",
+            "parent_span_id": f"{self.parent_span_id:016x}",
             "name": self.name,
             "kind": self.kind,
             "start_ns": self.start_ns,
@@ -101,29 +102,47 @@ class CallSpan:
         )
 
 
-def _ms(ns: int | None) -> float | None:
-    return None if ns is None else round(ns / 1e6, 3)
+def _hex16(value: int | None) -> str | None:
+    return None if value is None else f"{value:016x}"
 
 
-def _ms_of(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1e3, 3)
+# The second the last timestamp fell in, and its text: exchanges come many to a second, and formatting the
+# date and time of day is most of what datetime's isoformat costs.
+_last_second: tuple[int, str] = (0, dt.datetime.fromtimestamp(0, dt.UTC).isoformat(timespec="seconds")[:-6])
 
 
-def _round(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-def _hex(value: int | None, width: int) -> str | None:
-    return None if value is None else format(value, f"0{width}x")
+def _timestamp(epoch_ns: int) -> str:
+    """``datetime.fromtimestamp(epoch_ns / 1e9, UTC).isoformat(timespec="microseconds")``, character for
+    character, in a third of the time: the float is rounded to the microsecond half to even, as datetime
+    rounds it, and the text of its second is reused while exchanges fall in the same second."""
+    global _last_second
+    fraction, whole = math.modf(epoch_ns / 1e9)
+    micros = round(fraction * 1e6)
+    second = int(whole)
+    if micros >= 1_000_000:
+        second += 1
+        micros -= 1_000_000
+    elif micros < 0:
+        second -= 1
+        micros += 1_000_000
+    cached, text = _last_second
+    if second != cached:
+        text = dt.datetime.fromtimestamp(second, dt.UTC).isoformat(timespec="seconds")[:-6]
+        _last_second = (second, text)
+    return f"{text}.{micros:06d}+00:00"
 
 
 def _unhex(value: object) -> int | None:
     return int(value, 16) if isinstance(value, str) and value else None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each of these 31 fields through object.__setattr__, 7 us per
+# exchange against 1 for plain slots. It is a value all the same: no sink assigns to a record.
+@dataclasses.dataclass(slots=True)
 class Record:
     """One exchange, as every sink sees it. Field names are the JSONL schema (README, "The JSONL log").
+    A value, handed to every sink alike: read it, never assign to it (``dataclasses.replace`` makes a
+    changed copy).
 
     Times: ``start_ns``/``end_ns`` and the other ``*_ns`` instants are Unix epoch nanoseconds; durations
     ending in ``_ns`` are Ollama's own, ``_ms`` are milliseconds. None is unknown, never an invented 0.
@@ -227,17 +246,36 @@ class Record:
     def measures(self) -> dict[str, float | None]:
         """The JSONL line's derived numbers, rounded as it has them: milliseconds to the microsecond, rates
         to the hundredth. The stats window samples these very values, so it agrees with the log."""
-        t = self.timings
+        # The properties spelled out (same arithmetic, same rounding): this runs for every exchange.
+        t, start = self.timings, self.start_ns
+        load, prompt_eval, generation = t.load_duration, t.prompt_eval_duration, t.eval_duration
+        total, first_chunk, first_content = t.total_duration, self.first_chunk_ns, self.first_content_ns
+        queue = (
+            None
+            if total is None or load is None or prompt_eval is None or generation is None
+            else max(0, total - load - prompt_eval - generation)
+        )
+        count, prompt_count = t.eval_count, t.prompt_eval_count
         return {
-            "duration_ms": _ms_of(self.duration_s),
-            "ttft_ms": _ms_of(self.time_to_first_content_s),
-            "queue_time_ms": _ms(t.queue_ns),
-            "tokens_per_second": _round(t.tokens_per_second, 2),
-            "prompt_tokens_per_second": _round(t.prompt_tokens_per_second, 2),
-            "load_time_ms": _ms(t.load_duration),
-            "prompt_eval_time_ms": _ms(t.prompt_eval_duration),
-            "generation_time_ms": _ms(t.eval_duration),
-            "ttfc_ms": _ms_of(self.time_to_first_chunk_s),
+            "duration_ms": round((self.end_ns - start) / 1e9 * 1e3, 3),
+            "ttft_ms": (
+                None
+                if first_content is None or not self.stream
+                else round((first_content - start) / 1e9 * 1e3, 3)
+            ),
+            "queue_time_ms": None if queue is None else round(queue / 1e6, 3),
+            "tokens_per_second": (
+                None if count is None or not generation else round(count / generation * 1e9, 2)
+            ),
+            "prompt_tokens_per_second": (
+                None
+                if prompt_count is None or not prompt_eval
+                else round(prompt_count / prompt_eval * 1e9, 2)
+            ),
+            "load_time_ms": None if load is None else round(load / 1e6, 3),
+            "prompt_eval_time_ms": None if prompt_eval is None else round(prompt_eval / 1e6, 3),
+            "generation_time_ms": None if generation is None else round(generation / 1e6, 3),
+            "ttfc_ms": None if first_chunk is None else round((first_chunk - start) / 1e9 * 1e3, 3),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -245,11 +283,9 @@ class Record:
         t, r, ids = self.timings, self.request, self.ids
         m = self.measures()
         line: dict[str, Any] = {
-            "timestamp": dt.datetime.fromtimestamp(self.start_ns / 1e9, dt.UTC).isoformat(
-                timespec="microseconds"
-            ),
-            "trace_id": _hex(ids.trace_id, 32),
-            "span_id": _hex(ids.genai_span_id or ids.server_span_id, 16),
+            "timestamp": _timestamp(self.start_ns),
+            "trace_id": f"{ids.trace_id:032x}",
+            "span_id": f"{(ids.genai_span_id or ids.server_span_id):016x}",
             "method": self.method,
             "endpoint": self.endpoint,
             "operation": self.operation,
@@ -301,11 +337,11 @@ class Record:
                 "end_ns": self.end_ns,
                 "first_chunk_ns": self.first_chunk_ns,
                 "first_content_ns": self.first_content_ns,
-                "server_span_id": _hex(ids.server_span_id, 16),
-                "genai_span_id": _hex(ids.genai_span_id, 16),
-                "parent_span_id": _hex(ids.parent_span_id, 16),
+                "server_span_id": f"{ids.server_span_id:016x}",
+                "genai_span_id": _hex16(ids.genai_span_id),
+                "parent_span_id": _hex16(ids.parent_span_id),
                 "sampled": ids.sampled,
-                "phase_span_ids": {name: _hex(value, 16) for name, value in ids.phase_span_ids.items()},
+                "phase_span_ids": {name: _hex16(value) for name, value in ids.phase_span_ids.items()},
             },
         }
         if self.upstream_span is not None:
@@ -452,78 +488,107 @@ def build(
     upstream_span: CallSpan | None = None,
 ) -> Record:
     """Make the record of a finished exchange. Pure: the same inputs give the same record."""
+    # Runs for every exchange: the observation is branched on once, and instants are converted inline.
     endpoint = ollama.endpoint_for(exchange.method, exchange.path)
     request = parse_request(endpoint, exchange.request_body, capture=capture_content)
     outcome, error, error_type = _outcome(exchange, observation, endpoint is not None)
-    if exchange.outcome == CANCELLED and observation is not None and observation.content_chunks:
-        error = f"client disconnected after {observation.content_chunks} content chunks"
-
-    def epoch(t: float | None) -> int | None:
-        return None if t is None else start_ns + round((t - exchange.t_start) * 1e9)
-
     start_ns = round(exchange.started_at * 1e9)
-    timings = observation.timings if observation is not None and observation.timings else ollama.Timings()
-    if (timings.done_reason is not None and len(timings.done_reason) > LABEL_LIMIT) or (
-        timings.model is not None and len(timings.model) > FIELD_LIMIT
-    ):
-        timings = dataclasses.replace(
-            timings,
-            done_reason=None if timings.done_reason is None else clip(timings.done_reason, LABEL_LIMIT),
-            model=None if timings.model is None else clip(timings.model),
-        )
-    response_model = observation.response_model if observation is not None else None
-    if response_model is not None:
-        response_model = clip(response_model)
-    finish_reasons = observation.finish_reasons if observation is not None else ()
-    if any(len(reason) > LABEL_LIMIT for reason in finish_reasons):
-        finish_reasons = tuple(clip(reason, LABEL_LIMIT) for reason in finish_reasons)
-    client = next((v for k, v in exchange.request_headers if k == client_header), None)
+    t_start = exchange.t_start
     output_messages = None
-    if capture_content and observation is not None and observation.output_text is not None:
-        reason = finish_reasons[0] if finish_reasons else None
-        output_messages = capped(
-            [text_message("assistant", observation.output_text, finish_reason=reason)], newest=False
+    if observation is None:
+        timings = ollama.Timings()
+        response_model: str | None = None
+        first_content_ns: int | None = None
+        input_tokens: int | None = None
+        output_tokens: int | None = None
+        finish_reasons: tuple[str, ...] = ()
+        chunks = exchange.chunks
+    else:
+        if exchange.outcome == CANCELLED and observation.content_chunks:
+            error = f"client disconnected after {observation.content_chunks} content chunks"
+        timings = observation.timings or ollama.Timings()
+        done_reason, answered_by = timings.done_reason, timings.model
+        if (done_reason is not None and len(done_reason) > LABEL_LIMIT) or (
+            answered_by is not None and len(answered_by) > FIELD_LIMIT
+        ):
+            timings = dataclasses.replace(
+                timings,
+                done_reason=None if done_reason is None else clip(done_reason, LABEL_LIMIT),
+                model=None if answered_by is None else clip(answered_by),
+            )
+        response_model = observation.response_model
+        if response_model is not None:
+            response_model = clip(response_model)
+        finish_reasons = observation.finish_reasons
+        for label in finish_reasons:
+            if len(label) > LABEL_LIMIT:
+                finish_reasons = tuple(clip(reason, LABEL_LIMIT) for reason in finish_reasons)
+                break
+        if capture_content and observation.output_text is not None:
+            reason = finish_reasons[0] if finish_reasons else None
+            output_messages = capped(
+                [text_message("assistant", observation.output_text, finish_reason=reason)], newest=False
+            )
+        first_content_at = observation.first_content_at
+        first_content_ns = (
+            None if first_content_at is None else start_ns + round((first_content_at - t_start) * 1e9)
         )
-    input_tokens = observation.usage_input_tokens if observation is not None else None
-    output_tokens = observation.usage_output_tokens if observation is not None else None
-    if output_tokens is None and outcome == CANCELLED and observation is not None:
-        output_tokens = observation.content_chunks or None  # tokens seen before the client left (≈ chunks)
-    return Record(
-        start_ns=start_ns,
-        end_ns=epoch(exchange.t_end) or start_ns,
-        method=clip(exchange.method),
-        endpoint=clip(endpoint_of(exchange.path)),
-        operation=endpoint.operation if endpoint is not None else None,
-        # The model asked for, else the one that answered (an unparsed body still has a response).
-        model=request.model or response_model,
-        stream=request.stream if request.parsed else _streamed(observation),
-        status=exchange.status,
-        outcome=outcome,
-        error=None if error is None else clip(error),
-        error_type=error_type,
-        done_reason=timings.done_reason,
-        chunks=observation.chunks if observation is not None else exchange.chunks,
-        first_chunk_ns=epoch(exchange.t_first_byte),
-        first_content_ns=epoch(observation.first_content_at if observation is not None else None),
-        cold_start=(
-            None if timings.load_duration is None else timings.load_duration > cold_start_seconds * 1e9
-        ),
-        client=header_text(client)[:CLIENT_NAME_LIMIT] if client else None,
-        timings=timings,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        finish_reasons=finish_reasons,
-        response_model=response_model,
-        request=request,
-        # With several upstreams the host that answered, else the one configured.
-        server_address=exchange.upstream_address[0] if exchange.upstream_address else server_address,
-        server_port=exchange.upstream_address[1] if exchange.upstream_address else server_port,
-        ids=ids,
-        output_messages=output_messages,
-        upstream=exchange.upstream,
-        route=exchange.route,
-        retries=tuple(
-            (retry.upstream, retry.reason, epoch(retry.at) or start_ns) for retry in exchange.retries
-        ),
-        upstream_span=upstream_span,
+        input_tokens = observation.usage_input_tokens
+        output_tokens = observation.usage_output_tokens
+        if output_tokens is None and outcome == CANCELLED:
+            output_tokens = (
+                observation.content_chunks or None
+            )  # tokens seen before the client left (≈ chunks)
+        chunks = observation.chunks
+    client = None
+    for name, value in exchange.request_headers:
+        if name == client_header:
+            client = value
+            break
+    first_byte = exchange.t_first_byte
+    load = timings.load_duration
+    upstream_address = exchange.upstream_address
+    # The record's slots are filled here rather than through __init__: CPython matches 31 keyword arguments
+    # one by one (3 us an exchange), and positional ones would hang on the field order. Every field is set.
+    record = object.__new__(Record)
+    record.start_ns = start_ns
+    record.end_ns = start_ns + round((exchange.t_end - t_start) * 1e9) or start_ns
+    record.method = clip(exchange.method)
+    record.endpoint = clip(endpoint_of(exchange.path))
+    record.operation = endpoint.operation if endpoint is not None else None
+    # The model asked for, else the one that answered (an unparsed body still has a response).
+    record.model = request.model or response_model
+    record.stream = request.stream if request.parsed else _streamed(observation)
+    record.status = exchange.status
+    record.outcome = outcome
+    record.error = None if error is None else clip(error)
+    record.error_type = error_type
+    record.done_reason = timings.done_reason
+    record.chunks = chunks
+    record.first_chunk_ns = None if first_byte is None else start_ns + round((first_byte - t_start) * 1e9)
+    record.first_content_ns = first_content_ns
+    record.cold_start = None if load is None else load > cold_start_seconds * 1e9
+    record.client = header_text(client)[:CLIENT_NAME_LIMIT] if client else None
+    record.timings = timings
+    record.input_tokens = input_tokens
+    record.output_tokens = output_tokens
+    record.finish_reasons = finish_reasons
+    record.response_model = response_model
+    record.request = request
+    # With several upstreams the host that answered, else the one configured.
+    record.server_address = upstream_address[0] if upstream_address else server_address
+    record.server_port = upstream_address[1] if upstream_address else server_port
+    record.ids = ids
+    record.output_messages = output_messages
+    record.upstream = exchange.upstream
+    record.route = exchange.route
+    record.retries = (
+        tuple(
+            (retry.upstream, retry.reason, start_ns + round((retry.at - t_start) * 1e9) or start_ns)
+            for retry in exchange.retries
+        )
+        if exchange.retries
+        else ()
     )
+    record.upstream_span = upstream_span
+    return record

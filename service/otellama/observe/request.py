@@ -62,9 +62,12 @@ def endpoint_of(path: str) -> str:
     return path
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+# Not frozen, like the Record that holds it: frozen fields are set through object.__setattr__, most of
+# what making one costs. A value all the same: nothing assigns to it (dataclasses.replace copies).
+@dataclasses.dataclass(slots=True)
 class RequestFacts:
-    """What the request body said, for GenAI endpoints whose body was small and valid JSON."""
+    """What the request body said, for GenAI endpoints whose body was small and valid JSON. A value: read
+    it, never assign to it."""
 
     parsed: bool = False
     model: str | None = None
@@ -79,8 +82,12 @@ class RequestFacts:
     input_messages: tuple[dict[str, Any], ...] | None = None
 
 
+# A tuple, not ``int | float``: that expression builds a union object at every call.
+_NUMBER: Final = (int, float)
+
+
 def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    return float(value) if isinstance(value, _NUMBER) and not isinstance(value, bool) else None
 
 
 def _integer(value: object) -> int | None:
