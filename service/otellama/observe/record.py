@@ -102,6 +102,18 @@ class CallSpan:
         )
 
 
+def _ms(ns: int | None) -> float | None:
+    return None if ns is None else round(ns / 1e6, 3)
+
+
+def _ms_of(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 3)
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def _hex16(value: int | None) -> str | None:
     return None if value is None else f"{value:016x}"
 
@@ -246,36 +258,17 @@ class Record:
     def measures(self) -> dict[str, float | None]:
         """The JSONL line's derived numbers, rounded as it has them: milliseconds to the microsecond, rates
         to the hundredth. The stats window samples these very values, so it agrees with the log."""
-        # The properties spelled out (same arithmetic, same rounding): this runs for every exchange.
-        t, start = self.timings, self.start_ns
-        load, prompt_eval, generation = t.load_duration, t.prompt_eval_duration, t.eval_duration
-        total, first_chunk, first_content = t.total_duration, self.first_chunk_ns, self.first_content_ns
-        queue = (
-            None
-            if total is None or load is None or prompt_eval is None or generation is None
-            else max(0, total - load - prompt_eval - generation)
-        )
-        count, prompt_count = t.eval_count, t.prompt_eval_count
+        t = self.timings
         return {
-            "duration_ms": round((self.end_ns - start) / 1e9 * 1e3, 3),
-            "ttft_ms": (
-                None
-                if first_content is None or not self.stream
-                else round((first_content - start) / 1e9 * 1e3, 3)
-            ),
-            "queue_time_ms": None if queue is None else round(queue / 1e6, 3),
-            "tokens_per_second": (
-                None if count is None or not generation else round(count / generation * 1e9, 2)
-            ),
-            "prompt_tokens_per_second": (
-                None
-                if prompt_count is None or not prompt_eval
-                else round(prompt_count / prompt_eval * 1e9, 2)
-            ),
-            "load_time_ms": None if load is None else round(load / 1e6, 3),
-            "prompt_eval_time_ms": None if prompt_eval is None else round(prompt_eval / 1e6, 3),
-            "generation_time_ms": None if generation is None else round(generation / 1e6, 3),
-            "ttfc_ms": None if first_chunk is None else round((first_chunk - start) / 1e9 * 1e3, 3),
+            "duration_ms": _ms_of(self.duration_s),
+            "ttft_ms": _ms_of(self.time_to_first_content_s),
+            "queue_time_ms": _ms(t.queue_ns),
+            "tokens_per_second": _round(t.tokens_per_second, 2),
+            "prompt_tokens_per_second": _round(t.prompt_tokens_per_second, 2),
+            "load_time_ms": _ms(t.load_duration),
+            "prompt_eval_time_ms": _ms(t.prompt_eval_duration),
+            "generation_time_ms": _ms(t.eval_duration),
+            "ttfc_ms": _ms_of(self.time_to_first_chunk_s),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -536,9 +529,8 @@ def build(
         input_tokens = observation.usage_input_tokens
         output_tokens = observation.usage_output_tokens
         if output_tokens is None and outcome == CANCELLED:
-            output_tokens = (
-                observation.content_chunks or None
-            )  # tokens seen before the client left (≈ chunks)
+            # Tokens seen before the client left (about one a chunk).
+            output_tokens = observation.content_chunks or None
         chunks = observation.chunks
     client = None
     for name, value in exchange.request_headers:
@@ -548,47 +540,45 @@ def build(
     first_byte = exchange.t_first_byte
     load = timings.load_duration
     upstream_address = exchange.upstream_address
-    # The record's slots are filled here rather than through __init__: CPython matches 31 keyword arguments
-    # one by one (3 us an exchange), and positional ones would hang on the field order. Every field is set.
-    record = object.__new__(Record)
-    record.start_ns = start_ns
-    record.end_ns = start_ns + round((exchange.t_end - t_start) * 1e9) or start_ns
-    record.method = clip(exchange.method)
-    record.endpoint = clip(endpoint_of(exchange.path))
-    record.operation = endpoint.operation if endpoint is not None else None
-    # The model asked for, else the one that answered (an unparsed body still has a response).
-    record.model = request.model or response_model
-    record.stream = request.stream if request.parsed else _streamed(observation)
-    record.status = exchange.status
-    record.outcome = outcome
-    record.error = None if error is None else clip(error)
-    record.error_type = error_type
-    record.done_reason = timings.done_reason
-    record.chunks = chunks
-    record.first_chunk_ns = None if first_byte is None else start_ns + round((first_byte - t_start) * 1e9)
-    record.first_content_ns = first_content_ns
-    record.cold_start = None if load is None else load > cold_start_seconds * 1e9
-    record.client = header_text(client)[:CLIENT_NAME_LIMIT] if client else None
-    record.timings = timings
-    record.input_tokens = input_tokens
-    record.output_tokens = output_tokens
-    record.finish_reasons = finish_reasons
-    record.response_model = response_model
-    record.request = request
-    # With several upstreams the host that answered, else the one configured.
-    record.server_address = upstream_address[0] if upstream_address else server_address
-    record.server_port = upstream_address[1] if upstream_address else server_port
-    record.ids = ids
-    record.output_messages = output_messages
-    record.upstream = exchange.upstream
-    record.route = exchange.route
-    record.retries = (
-        tuple(
-            (retry.upstream, retry.reason, start_ns + round((retry.at - t_start) * 1e9) or start_ns)
-            for retry in exchange.retries
-        )
-        if exchange.retries
-        else ()
+    return Record(
+        start_ns=start_ns,
+        end_ns=start_ns + round((exchange.t_end - t_start) * 1e9) or start_ns,
+        method=clip(exchange.method),
+        endpoint=clip(endpoint_of(exchange.path)),
+        operation=endpoint.operation if endpoint is not None else None,
+        # The model asked for, else the one that answered (an unparsed body still has a response).
+        model=request.model or response_model,
+        stream=request.stream if request.parsed else _streamed(observation),
+        status=exchange.status,
+        outcome=outcome,
+        error=None if error is None else clip(error),
+        error_type=error_type,
+        done_reason=timings.done_reason,
+        chunks=chunks,
+        first_chunk_ns=None if first_byte is None else start_ns + round((first_byte - t_start) * 1e9),
+        first_content_ns=first_content_ns,
+        cold_start=None if load is None else load > cold_start_seconds * 1e9,
+        client=header_text(client)[:CLIENT_NAME_LIMIT] if client else None,
+        timings=timings,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        finish_reasons=finish_reasons,
+        response_model=response_model,
+        request=request,
+        # With several upstreams the host that answered, else the one configured.
+        server_address=upstream_address[0] if upstream_address else server_address,
+        server_port=upstream_address[1] if upstream_address else server_port,
+        ids=ids,
+        output_messages=output_messages,
+        upstream=exchange.upstream,
+        route=exchange.route,
+        retries=(
+            tuple(
+                (retry.upstream, retry.reason, start_ns + round((retry.at - t_start) * 1e9) or start_ns)
+                for retry in exchange.retries
+            )
+            if exchange.retries
+            else ()
+        ),
+        upstream_span=upstream_span,
     )
-    record.upstream_span = upstream_span
-    return record

@@ -535,30 +535,28 @@ class StreamObserver:
             finish_reasons = ()
         framing = self._framing
         capture = self._capture
-        # Filled slot by slot rather than through __init__, as build fills a Record: CPython matches
-        # keyword arguments one by one, and 22 of them cost more than the assignments. Every field is set.
-        observation = object.__new__(Observation)
-        observation.framing = framing.value
-        observation.started_at = self._started_at
-        observation.finished_at = now
-        observation.bytes = self._size
         streamed = framing is Framing.NDJSON or framing is Framing.SSE
-        observation.chunks = self._records if streamed else int(self._size > 0)
-        observation.first_chunk_at = self._first_chunk_at
-        observation.first_content_at = self._first_content_at
-        observation.final = self._final
-        observation.timings = timings
-        observation.done = self._ended and self._error is None
-        observation.error = self._error
-        observation.usage_input_tokens = input_tokens
-        observation.usage_output_tokens = output_tokens
-        observation.finish_reasons = finish_reasons
-        observation.response_model = self._model
-        observation.content_chunks = self._content
-        observation.truncated = self._truncated
-        observation.cut_in_line = self._open
-        observation.malformed = self._malformed
-        observation.output_text = "".join(self._text) if capture else None
-        observation.output_thinking = "".join(self._thinking) if capture else None
-        observation.output_tool_calls = tuple(self._tool_calls) if capture else None
-        return observation
+        return Observation(
+            framing=framing.value,
+            started_at=self._started_at,
+            finished_at=now,
+            bytes=self._size,
+            chunks=self._records if streamed else int(self._size > 0),
+            first_chunk_at=self._first_chunk_at,
+            first_content_at=self._first_content_at,
+            final=self._final,
+            timings=timings,
+            done=self._ended and self._error is None,
+            error=self._error,
+            usage_input_tokens=input_tokens,
+            usage_output_tokens=output_tokens,
+            finish_reasons=finish_reasons,
+            response_model=self._model,
+            content_chunks=self._content,
+            truncated=self._truncated,
+            cut_in_line=self._open,
+            malformed=self._malformed,
+            output_text="".join(self._text) if capture else None,
+            output_thinking="".join(self._thinking) if capture else None,
+            output_tool_calls=tuple(self._tool_calls) if capture else None,
+        )
