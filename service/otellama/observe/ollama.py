@@ -195,16 +195,17 @@ class Timings:
         total, load, prompt_eval_count, prompt_eval_duration, eval_count, eval_duration = values
         done_reason = get("done_reason")
         model = get("model")
+        # Positions, in the fields' order: keywords cost 0.5 us more in CPython 3.11.
         return cls(
-            total_duration=total,
-            load_duration=load,
-            prompt_eval_count=prompt_eval_count,
-            prompt_eval_duration=prompt_eval_duration,
-            eval_count=eval_count,
-            eval_duration=eval_duration,
-            prompt_eval_cached_count=nonnegative_int(get("prompt_eval_cached_count")),
-            done_reason=done_reason if isinstance(done_reason, str) else None,
-            model=model if isinstance(model, str) else None,
+            total,
+            load,
+            prompt_eval_count,
+            prompt_eval_duration,
+            eval_count,
+            eval_duration,
+            nonnegative_int(get("prompt_eval_cached_count")),
+            done_reason if isinstance(done_reason, str) else None,
+            model if isinstance(model, str) else None,
         )
 
     @property

@@ -55,6 +55,8 @@ _V1_MODEL = re.compile(r"^/v1/models/.+$")
 
 def endpoint_of(path: str) -> str:
     """The path with its free-form part named, so that logs group by endpoint (blob digests vary)."""
+    if not path.startswith(("/api/blobs/", "/v1/models/")):  # most paths: no regex run for them
+        return path
     if _BLOB.match(path):
         return "/api/blobs/{digest}"
     if _V1_MODEL.match(path):
@@ -211,15 +213,16 @@ def parse_request(
         found.extend(text_message("user", data[key]) for key in ("prompt", "input") if key in data)
         messages = capped(found, newest=True)
     model = data.get("model")
+    # Positions, in the fields' order (ten keywords cost 0.5 us more in CPython 3.11).
     return RequestFacts(
-        parsed=True,
-        model=clip(model) if isinstance(model, str) else None,
-        stream=stream if isinstance(stream, bool) else endpoint.streams_by_default,
-        temperature=_number(options.get("temperature")),
-        top_p=_number(options.get("top_p")),
-        top_k=_integer(options.get("top_k")),
-        seed=_integer(options.get("seed")),
-        max_tokens=_integer(max_tokens),
-        stop=tuple(clip(s) for s in stop if isinstance(s, str)) if isinstance(stop, list) else None,
-        input_messages=messages,
+        True,  # parsed
+        clip(model) if isinstance(model, str) else None,  # model
+        stream if isinstance(stream, bool) else endpoint.streams_by_default,  # stream
+        _number(options.get("temperature")),  # temperature
+        _number(options.get("top_p")),  # top_p
+        _integer(options.get("top_k")),  # top_k
+        _integer(options.get("seed")),  # seed
+        _integer(max_tokens),  # max_tokens
+        tuple(clip(s) for s in stop if isinstance(s, str)) if isinstance(stop, list) else None,  # stop
+        messages,  # input_messages
     )

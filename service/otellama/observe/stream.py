@@ -536,27 +536,28 @@ class StreamObserver:
         framing = self._framing
         capture = self._capture
         streamed = framing is Framing.NDJSON or framing is Framing.SSE
+        # Positions, in the fields' order: 22 keywords cost 1.4 us more in CPython 3.11.
         return Observation(
-            framing=framing.value,
-            started_at=self._started_at,
-            finished_at=now,
-            bytes=self._size,
-            chunks=self._records if streamed else int(self._size > 0),
-            first_chunk_at=self._first_chunk_at,
-            first_content_at=self._first_content_at,
-            final=self._final,
-            timings=timings,
-            done=self._ended and self._error is None,
-            error=self._error,
-            usage_input_tokens=input_tokens,
-            usage_output_tokens=output_tokens,
-            finish_reasons=finish_reasons,
-            response_model=self._model,
-            content_chunks=self._content,
-            truncated=self._truncated,
-            cut_in_line=self._open,
-            malformed=self._malformed,
-            output_text="".join(self._text) if capture else None,
-            output_thinking="".join(self._thinking) if capture else None,
-            output_tool_calls=tuple(self._tool_calls) if capture else None,
+            framing.value,  # framing
+            self._started_at,  # started_at
+            now,  # finished_at
+            self._size,  # bytes
+            self._records if streamed else int(self._size > 0),  # chunks
+            self._first_chunk_at,  # first_chunk_at
+            self._first_content_at,  # first_content_at
+            self._final,  # final
+            timings,  # timings
+            self._ended and self._error is None,  # done
+            self._error,  # error
+            input_tokens,  # usage_input_tokens
+            output_tokens,  # usage_output_tokens
+            finish_reasons,  # finish_reasons
+            self._model,  # response_model
+            self._content,  # content_chunks
+            self._truncated,  # truncated
+            self._open,  # cut_in_line
+            self._malformed,  # malformed
+            "".join(self._text) if capture else None,  # output_text
+            "".join(self._thinking) if capture else None,  # output_thinking
+            tuple(self._tool_calls) if capture else None,  # output_tool_calls
         )

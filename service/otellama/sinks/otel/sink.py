@@ -183,13 +183,9 @@ class OtelSink:
                 parent_context if parent.is_valid else None, trace_id, exchange.path, SpanKind.SERVER
             )
             sampled = decision.decision is Decision.RECORD_AND_SAMPLE
-        ids = TraceIds(
-            trace_id=trace_id,
-            server_span_id=server_span_id,
-            genai_span_id=genai_span_id,
-            parent_span_id=parent.span_id if parent.is_valid else None,
-            sampled=sampled,
-        )
+        parent_span_id = parent.span_id if parent.is_valid else None
+        # Positions, in the fields' order: keywords cost more in CPython 3.11.
+        ids = TraceIds(trace_id, server_span_id, genai_span_id, parent_span_id, sampled)
         token = None
         if self.tracing:
             flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
