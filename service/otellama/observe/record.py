@@ -105,8 +105,10 @@ class CallSpan:
         )
 
 
+# Ids in hex, as OpenTelemetry writes them: ``value.to_bytes(8).hex()`` is ``f"{value:016x}"`` for a 64-bit
+# id (a trace id takes 16 bytes), in half the time. Every id is drawn that wide or read back from that text.
 def _hex16(value: int | None) -> str | None:
-    return None if value is None else f"{value:016x}"
+    return None if value is None else value.to_bytes(8).hex()
 
 
 # The second the last timestamp fell in, and its text: exchanges come many to a second, and formatting the
@@ -273,8 +275,8 @@ class Record:
         m = self.measures()
         line: dict[str, Any] = {
             "timestamp": _timestamp(self.start_ns),
-            "trace_id": f"{ids.trace_id:032x}",
-            "span_id": f"{(ids.genai_span_id or ids.server_span_id):016x}",
+            "trace_id": ids.trace_id.to_bytes(16).hex(),  # see _hex16
+            "span_id": (ids.genai_span_id or ids.server_span_id).to_bytes(8).hex(),
             "method": self.method,
             "endpoint": self.endpoint,
             "operation": self.operation,
@@ -326,12 +328,14 @@ class Record:
                 "end_ns": self.end_ns,
                 "first_chunk_ns": self.first_chunk_ns,
                 "first_content_ns": self.first_content_ns,
-                "server_span_id": f"{ids.server_span_id:016x}",
+                "server_span_id": ids.server_span_id.to_bytes(8).hex(),
                 "genai_span_id": _hex16(ids.genai_span_id),
                 "parent_span_id": _hex16(ids.parent_span_id),
                 "sampled": ids.sampled,
                 # Drawn ids only (never None): no _hex16 call per phase.
-                "phase_span_ids": {name: f"{value:016x}" for name, value in ids.phase_span_ids.items()},
+                "phase_span_ids": {
+                    name: value.to_bytes(8).hex() for name, value in ids.phase_span_ids.items()
+                },
             },
         }
         if self.upstream_span is not None:
