@@ -356,69 +356,73 @@ class Record:
         trace, request, server = line["trace"], line["request"], line["server"]
         phase_ids = {name: _unhex(value) for name, value in (trace.get("phase_span_ids") or {}).items()}
         stop = request.get("stop")
+        # Positions, in the fields' order (each named in its comment): the exporter reads every line, and
+        # keywords cost CPython 3.11 2 us more for the record's 31 fields, 1 us more for the rest.
         return cls(
-            start_ns=int(trace["start_ns"]),
-            end_ns=int(trace["end_ns"]),
-            method=line["method"],
-            endpoint=line["endpoint"],
-            operation=line["operation"],
-            model=line["model"],
-            stream=line["stream"],
-            status=line["status"],
-            outcome=line["outcome"],
-            error=line["error"],
-            error_type=line["error_type"],
-            done_reason=line["done_reason"],
-            chunks=line["chunks"],
-            first_chunk_ns=trace["first_chunk_ns"],
-            first_content_ns=trace["first_content_ns"],
-            cold_start=line["cold_start"],
-            client=line["client"],
-            timings=ollama.Timings(
-                total_duration=line["total_duration_ns"],
-                load_duration=line["load_duration_ns"],
-                prompt_eval_count=line["prompt_eval_count"],
-                prompt_eval_duration=line["prompt_eval_duration_ns"],
-                eval_count=line["eval_count"],
-                eval_duration=line["eval_duration_ns"],
-                prompt_eval_cached_count=line.get("prompt_eval_cached_count"),
-                done_reason=line["done_reason"],
-                model=line["response_model"],
+            int(trace["start_ns"]),  # start_ns
+            int(trace["end_ns"]),  # end_ns
+            line["method"],  # method
+            line["endpoint"],  # endpoint
+            line["operation"],  # operation
+            line["model"],  # model
+            line["stream"],  # stream
+            line["status"],  # status
+            line["outcome"],  # outcome
+            line["error"],  # error
+            line["error_type"],  # error_type
+            line["done_reason"],  # done_reason
+            line["chunks"],  # chunks
+            trace["first_chunk_ns"],  # first_chunk_ns
+            trace["first_content_ns"],  # first_content_ns
+            line["cold_start"],  # cold_start
+            line["client"],  # client
+            ollama.Timings(  # timings
+                line["total_duration_ns"],  # total_duration
+                line["load_duration_ns"],  # load_duration
+                line["prompt_eval_count"],  # prompt_eval_count
+                line["prompt_eval_duration_ns"],  # prompt_eval_duration
+                line["eval_count"],  # eval_count
+                line["eval_duration_ns"],  # eval_duration
+                line.get("prompt_eval_cached_count"),  # prompt_eval_cached_count
+                line["done_reason"],  # done_reason
+                line["response_model"],  # model
             ),
-            input_tokens=line["input_tokens"],
-            output_tokens=line["output_tokens"],
-            finish_reasons=tuple(line["finish_reasons"]),
-            response_model=line["response_model"],
-            request=RequestFacts(
-                parsed=request["parsed"],
-                model=line["model"],
-                stream=line["stream"],
-                temperature=request["temperature"],
-                top_p=request["top_p"],
-                top_k=request["top_k"],
-                seed=request["seed"],
-                max_tokens=request["max_tokens"],
-                stop=tuple(stop) if stop is not None else None,
-                input_messages=tuple(line["input_messages"]) if "input_messages" in line else None,
+            line["input_tokens"],  # input_tokens
+            line["output_tokens"],  # output_tokens
+            tuple(line["finish_reasons"]),  # finish_reasons
+            line["response_model"],  # response_model
+            RequestFacts(  # request
+                request["parsed"],  # parsed
+                line["model"],  # model
+                line["stream"],  # stream
+                request["temperature"],  # temperature
+                request["top_p"],  # top_p
+                request["top_k"],  # top_k
+                request["seed"],  # seed
+                request["max_tokens"],  # max_tokens
+                tuple(stop) if stop is not None else None,  # stop
+                tuple(line["input_messages"]) if "input_messages" in line else None,  # input_messages
             ),
-            server_address=server["address"],
-            server_port=server["port"],
-            ids=TraceIds(
-                trace_id=int(line["trace_id"], 16),
-                server_span_id=int(trace["server_span_id"], 16),
-                genai_span_id=_unhex(trace["genai_span_id"]),
-                parent_span_id=_unhex(trace["parent_span_id"]),
-                sampled=bool(trace["sampled"]),
-                phase_span_ids={k: v for k, v in phase_ids.items() if v is not None},
+            server["address"],  # server_address
+            server["port"],  # server_port
+            TraceIds(  # ids
+                int(line["trace_id"], 16),  # trace_id
+                int(trace["server_span_id"], 16),  # server_span_id
+                _unhex(trace["genai_span_id"]),  # genai_span_id
+                _unhex(trace["parent_span_id"]),  # parent_span_id
+                bool(trace["sampled"]),  # sampled
+                {k: v for k, v in phase_ids.items() if v is not None},  # phase_span_ids
             ),
-            output_messages=tuple(line["output_messages"]) if "output_messages" in line else None,
-            upstream=line.get("upstream"),
-            route=line.get("route"),
-            retries=tuple(
+            tuple(line["output_messages"]) if "output_messages" in line else None,  # output_messages
+            line.get("upstream"),  # upstream
+            line.get("route"),  # route
+            tuple(  # retries
                 (str(retry["upstream"]), str(retry["reason"]), int(retry["at_ns"]))
                 for retry in line.get("retries") or ()
             ),
-            upstream_span=CallSpan.from_json(trace["upstream_span"]) if trace.get("upstream_span") else None,
+            CallSpan.from_json(trace["upstream_span"])
+            if trace.get("upstream_span")
+            else None,  # upstream_span
         )
 
 
