@@ -71,6 +71,7 @@ def record_metrics(
     if record.operation is None:
         return  # model management, health checks, blobs: counted, nothing more to measure
     i, t = instruments, record.timings
+    queue = t.queue_ns  # a property: read once
     observations: list[tuple[Histogram, float | int | None]] = [
         (i.operation_duration, record.duration_s),
         (i.time_to_first_chunk, record.time_to_first_chunk_s if record.stream else None),
@@ -78,7 +79,7 @@ def record_metrics(
         (i.load, None if t.load_duration is None else t.load_duration / 1e9),
         (i.prompt_eval, None if t.prompt_eval_duration is None else t.prompt_eval_duration / 1e9),
         (i.eval, None if t.eval_duration is None else t.eval_duration / 1e9),
-        (i.queue, None if t.queue_ns is None else t.queue_ns / 1e9),
+        (i.queue, None if queue is None else queue / 1e9),
         (i.server_ttft, record.server_time_to_first_token_s),
         (i.time_per_output_token, record.time_per_output_token_s),
         (i.generation_throughput, t.tokens_per_second),
