@@ -27,6 +27,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_until_healthy(url: str, process: subprocess.Popen[bytes], stop: Callable[[], str]) -> None:
+    """Until otellama at ``url`` answers ``/otellama/health`` (20 s at most); fails with its stderr
+    (``stop()``) if ``process`` exits first."""
+    deadline = time.monotonic() + 20
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/otellama/health", timeout=1).status_code == 200:
+                return
+        assert process.poll() is None, stop()
+        assert time.monotonic() < deadline, "otellama did not start"
+        time.sleep(0.02)
+
+
 def eventually(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
     """test_telemetry_wire's wait, with room for a process that starts a second process."""
     return wait_for(check, what, timeout)
@@ -50,14 +63,7 @@ class Serve:
             [sys.executable, "-m", "otellama", "serve"], env=environ, stderr=subprocess.PIPE
         )
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/otellama/health", timeout=1).status_code == 200:
-                    break
-            assert self.process.poll() is None, self.stop()
-            assert time.monotonic() < deadline, "otellama did not start"
-            time.sleep(0.02)
+        wait_until_healthy(self.url, self.process, self.stop)
 
     def exporter_pid(self) -> int:
         """The exporter process (the proxy's only child)."""

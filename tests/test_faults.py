@@ -33,6 +33,7 @@ from otellama.app import create_app
 from otellama.emulator import BUSY_MESSAGE, FAULT_HEADER, EmulatorSettings, create_emulator
 from otellama.settings import Settings, Upstream
 from tests.conftest import API_FIXTURES, ScriptedUpstream, Seen
+from tests.serving import wait_until_healthy
 from tests.test_abuse import HashingUpstream, eventually, read_lines
 
 Record = Callable[[str, object], None]
@@ -538,13 +539,7 @@ class Process:
         )
         assert self.process.stdout is not None
         self.url = f"http://127.0.0.1:{int(self.process.stdout.readline())}"
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/otellama/health", timeout=1).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "otellama did not start"
-            time.sleep(0.02)
+        wait_until_healthy(self.url, self.process, self.stop)
 
     def signal(self, number: int) -> None:
         self.process.send_signal(number)
