@@ -1054,16 +1054,31 @@ def test_rotation_under_100_concurrent_requests_loses_and_tears_nothing(
     count = 1000
     statuses = asyncio.run(generate_many(url, count))
     assert statuses == [200] * count
-    assert eventually(
-        lambda: sum(len(p.read_bytes().splitlines()) for p in tmp_path.glob("otellama.jsonl*")) == count
-    )
-    files = list(tmp_path.glob("otellama.jsonl*"))
+
+    def read_log() -> list[tuple[Path, bytes]] | None:
+        """Every log file and its bytes; None when a rotation renamed one between the listing and the read
+        (the last lines are written after the responses, so rotation can still be under way)."""
+        try:
+            return [(path, path.read_bytes()) for path in tmp_path.glob("otellama.jsonl*")]
+        except FileNotFoundError:
+            return None
+
+    def logged_ids() -> set[str]:
+        found = read_log() or []
+        try:
+            return {orjson.loads(line)["trace_id"] for _, data in found for line in data.splitlines()}
+        except orjson.JSONDecodeError:  # a line being written as we read: look again
+            return set()
+
+    # Counting lines is not enough: a listing taken mid-rotation can count one file's lines twice.
+    assert eventually(lambda: len(logged_ids()) == count)
+    files = read_log()  # every line is written: nothing rotates any more
+    assert files is not None
     lines = []
-    for path in files:
-        data = path.read_bytes()
+    for path, data in files:
         assert data.endswith(b"\n") and len(data) <= 20_000, path.name
         lines += [orjson.loads(line) for line in data.splitlines()]
-    assert len({line["trace_id"] for line in lines}) == count  # none lost, none twice
+    assert len(lines) == count  # none lost, none twice
     assert log_failures(url) == 0
     figure = f"{count} requests, 100 at a time, log rotating every ~14 lines: {len(lines)} lines"
     record_property("figure", f"{figure} in {len(files)} files, none torn, none lost")
