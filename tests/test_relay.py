@@ -171,3 +171,38 @@ def test_the_relay_answers_nothing_to_a_bad_request_and_keeps_serving(
     finally:
         server.close()
     assert not (tmp_path / "relay.sock").exists()
+
+
+def test_a_line_that_is_no_record_is_counted_without_otlp_too(
+    tmp_path: Path, emulator: str, otellama: Callable[..., Serve]
+) -> None:
+    # No span export reads the lines then: the live view counts what it cannot read back.
+    log_file = tmp_path / "otellama.jsonl"
+    proc = otellama(emulator, log_file)
+    traffic(proc.url, 1)
+    with log_file.open("ab") as log:  # someone else's lines in our log
+        log.write(b'{"not": "a record"}\nnot even json\n')
+    traffic(proc.url, 1)
+    assert proc.metric("ollama_requests_total") == 2
+    eventually(lambda: proc.metric("otellama_exporter_skipped_total") == 2, "both lines counted")
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="the kernel has no autogroups")
+def test_the_exporter_is_niced_with_its_scheduling_group(
+    tmp_path: Path, emulator: str, otellama: Callable[..., Serve]
+) -> None:
+    from otellama.exporter.process import EXPORTER_NICENESS
+
+    proc = otellama(emulator, tmp_path / "otellama.jsonl")
+    exporter = proc.exporter_pid()
+    # Its own session is its own autogroup: a nice value of the process alone would not count against the
+    # proxy's group (BENCHMARKS.md, the soak).
+    group = eventually(
+        lambda: (
+            (text := Path(f"/proc/{exporter}/autogroup").read_text()).endswith(f"nice {EXPORTER_NICENESS}\n")
+            and text
+        ),
+        "the exporter's autogroup niced",
+    )
+    assert group.split()[0] != Path(f"/proc/{proc.process.pid}/autogroup").read_text().split()[0]
+    assert int(Path(f"/proc/{exporter}/stat").read_text().rsplit(")", 1)[1].split()[16]) == EXPORTER_NICENESS

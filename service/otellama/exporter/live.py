@@ -20,8 +20,6 @@ import logging
 import threading
 from typing import Final
 
-import orjson
-
 from otellama.exporter.follow import LogFollower
 from otellama.observe.record import Record
 from otellama.sinks.capper import Capper
@@ -58,10 +56,10 @@ class LiveView:
         return done
 
     def _add(self, raw: bytes) -> None:
-        try:
-            record = Record.from_json(orjson.loads(raw))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            return  # the span export counts such lines (it reads them too)
+        record = Record.from_line(raw)
+        if record is None:
+            self.follower.skipped_lines += 1  # reported when no span export reads the lines (process.py)
+            return
         ids = record.ids
         exemplar = (ids.trace_id, ids.genai_span_id or ids.server_span_id) if ids.sampled else None
         try:
@@ -69,6 +67,7 @@ class LiveView:
                 record_metrics(self.instruments, record, self.cap, exemplar)
             self.stats.write(record)
         except Exception as exc:  # one line we cannot count must not stop every line after it
+            self.follower.skipped_lines += 1
             self._complain("a logged record could not be counted and was skipped: %r", exc)
 
     def run(self, stop: threading.Event, every: float) -> None:

@@ -213,9 +213,8 @@ class Exporter:
             return 0
         spans: list[ReadableSpan] = []
         for raw in lines if self.span_exporters else ():
-            try:
-                record = Record.from_json(orjson.loads(raw))
-            except (KeyError, TypeError, ValueError, AttributeError):
+            record = Record.from_line(raw)
+            if record is None:
                 self.follower.skipped_lines += 1
                 continue
             if not record.ids.sampled:
@@ -276,7 +275,8 @@ class Exporter:
             **self.counts,
             "dropped_bytes": self.follower.dropped_bytes,
             "dropped_files": self.follower.dropped_files,
-            "skipped_lines": self.follower.skipped_lines,
+            # Counted by the reader that parses every line: the span export, or else the live view.
+            "skipped_lines": (self.follower if self.span_exporters else self.live.follower).skipped_lines,
             "behind_bytes": self.follower.behind(),
         }
         try:

@@ -16,6 +16,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 from otellama.exchange import CANCELLED, ERROR, OK, Exchange
 from otellama.observe import ollama
 from otellama.observe.request import (
@@ -349,6 +351,14 @@ class Record:
                 {"upstream": name, "reason": reason, "at_ns": at} for name, reason, at in self.retries
             ]
         return line
+
+    @classmethod
+    def from_line(cls, raw: bytes) -> Record | None:
+        """A JSONL line read back, or None when it is not one of ours (not JSON, or not a record)."""
+        try:
+            return cls.from_json(orjson.loads(raw))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
 
     @classmethod
     def from_json(cls, line: Mapping[str, Any]) -> Record:
