@@ -302,6 +302,22 @@ def test_the_follower_reads_across_rotations_in_order_and_counts_what_was_rotate
     writer.close()
 
 
+def test_a_batch_ends_exactly_after_its_last_line_and_the_next_starts_there(tmp_path: Path) -> None:
+    path = tmp_path / "otellama.jsonl"
+    lines = [orjson.dumps({"n": n, "pad": "x" * (n % 13)}) for n in range(40)]
+    # A blank line in the middle and a line still being written at the end (no newline yet).
+    path.write_bytes(b"\n".join(lines[:20]) + b"\n\n" + b"\n".join(lines[20:]) + b"\n" + b'{"n": 4')
+    follower = LogFollower(path, backups=0, start=Position(path.stat().st_ino, 0))
+    got: list[bytes] = []
+    while batch := follower.read(7)[0]:
+        position = follower.read(0)[1]
+        got += batch
+        # The position after a batch is the byte after its last line: a follower started there goes on.
+        assert LogFollower(path, backups=0, start=position).read(1)[0] == lines[len(got) : len(got) + 1]
+    assert got == lines
+    assert follower.read(0)[1].offset == path.stat().st_size - len(b'{"n": 4')
+
+
 def read_position(follower: LogFollower) -> Position:
     return follower.read(1)[1]
 

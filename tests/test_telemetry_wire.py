@@ -835,6 +835,18 @@ def test_resource_comes_from_the_environment(
         assert resource["service.version"]
 
 
+def test_the_resource_hashed_once_is_the_resource_the_sdk_would_build() -> None:
+    from opentelemetry.sdk.resources import Resource
+
+    from otellama.sinks.otel.export import resource
+
+    ours = resource({})
+    plain = Resource(dict(ours.attributes), ours.schema_url)
+    # The OTLP encoders group spans by resource: ours must group, compare and hash like the SDK's own.
+    assert ours == plain and hash(ours) == hash(plain)
+    assert {ours: 1, plain: 2} == {ours: 2}
+
+
 def test_sampler_always_off_exports_no_spans_but_keeps_logs_and_metrics(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 import orjson
-from opentelemetry.sdk.metrics import MeterProvider, TraceBasedExemplarFilter
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider, TraceBasedExemplarFilter
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -106,6 +106,8 @@ class Exporter:
         if metric_readers is None:
             for exporter in metric_exporters(environ):
                 readers.append(PeriodicExportingMetricReader(CountingMetricExporter(exporter, self._failed)))
+        # Exemplars only travel over OTLP (the Prometheus reader drops them): don't pay for them otherwise.
+        exemplars = bool(readers)
         #: What the proxy's ``/otellama/metrics`` shows (when ``prometheus``: the proxy relays to us).
         self.registry: Any = None
         if prometheus:
@@ -117,9 +119,11 @@ class Exporter:
         self._sdk_lines = quiet_sdk_exporters()
         self._complain = Complaints(log)
         self.meter_provider = MeterProvider(
-            metric_readers=readers, resource=self.resource, exemplar_filter=TraceBasedExemplarFilter()
+            metric_readers=readers,
+            resource=self.resource,
+            exemplar_filter=TraceBasedExemplarFilter() if exemplars else AlwaysOffExemplarFilter(),
         )
-        self.aggregates = Aggregates(self.resource, SCOPE, exemplars=True)
+        self.aggregates = Aggregates(self.resource, SCOPE, exemplars=exemplars)
         if not disabled(environ):  # a disabled SDK's meters record nothing; ours follow suit (README)
             for reader in readers:
                 self.aggregates.attach(reader)

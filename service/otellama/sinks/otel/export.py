@@ -245,4 +245,18 @@ def resource(environ: Mapping[str, str]) -> Resource:
     attributes: dict[str, str] = {"service.version": __version__}
     if not named:
         attributes["service.name"] = "otellama"
-    return Resource.create(attributes)
+    created = Resource.create(attributes)
+    return _HashedOnce(created.attributes, created.schema_url)
+
+
+class _HashedOnce(Resource):
+    """A resource that hashes once. The SDK's OTLP encoders group every span by its resource, and a
+    Resource hashes by dumping its attributes to JSON each time: ~8 us a span, a quarter of the encoding's
+    CPU in the exporter process (BENCHMARKS.md). Its attributes cannot change, so neither can the hash."""
+
+    def __init__(self, attributes: Mapping[str, Any], schema_url: str | None = None) -> None:
+        super().__init__(attributes, schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
