@@ -52,6 +52,7 @@ bench: install
 	$(BIN)/python bench/proxy_bench.py --telemetry blackhole --write BENCHMARKS.md
 	$(BIN)/python bench/proxy_bench.py --telemetry on --label "telemetry on, httpx instrumentation disabled" \
 		--proxy-env OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=httpx --write BENCHMARKS.md
+	$(BIN)/python bench/throughput_ab.py
 	$(BIN)/python bench/telemetry_bench.py
 
 soak: install

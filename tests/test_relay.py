@@ -139,6 +139,23 @@ def test_with_the_log_off_export_follows_a_private_spool_removed_at_exit(
     assert not spool.exists()
 
 
+def test_an_app_built_with_the_log_off_but_never_started_leaves_no_spool(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    build = "from otellama.app import create_app; from otellama.settings import Settings; "
+    build += (
+        "create_app(Settings(log_file=None)); import glob, os; print(glob.glob(os.environ['TMPDIR'] + '/*'))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "OTELLAMA_"))}
+    done = subprocess.run(
+        [sys.executable, "-c", build], env={**env, "TMPDIR": str(tmp_path)}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "otellama-spool-" in done.stdout  # it was made...
+    assert list(tmp_path.iterdir()) == []  # ...and the process left nothing behind
+
+
 def test_merged_expositions_have_each_family_once() -> None:
     exporter = (
         b"# HELP a_total A\n# TYPE a_total counter\na_total 1.0\n# HELP target_info T\ntarget_info 1.0\n"

@@ -12,6 +12,7 @@ import shutil
 import signal
 import tempfile
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -172,7 +173,7 @@ class App:
             elif self.otel.tracing:
                 # Traces the upstream call and sends its traceparent to Ollama.
                 self.transport = AsyncOpenTelemetryTransport(
-                    self.transport, tracer_provider=self.otel.tracer_provider
+                    self.transport, tracer_provider=self.otel.call_tracer_provider
                 )
         timeout = httpx.Timeout(
             connect=settings.connect_timeout, read=settings.read_timeout, write=None, pool=None
@@ -205,6 +206,8 @@ class App:
         except OSError as exc:
             log.warning("no temporary directory for the export spool (%s); exporting from this process", exc)
             return settings
+        # Removed at shutdown, or when this app goes away unstarted (garbage, or the interpreter's exit).
+        self._remove_spool = weakref.finalize(self, shutil.rmtree, self._spool, True)
         spool = Path(self._spool) / "spool.jsonl"
         return dataclasses.replace(settings, log_file=spool, log_max_bytes=SPOOL_BYTES, log_backups=1)
 
@@ -331,7 +334,7 @@ class App:
                 left = max(grace - (time.monotonic() - began), 0.0)
             await self.supervisor.stop(left)
         if self._spool is not None:
-            shutil.rmtree(self._spool, ignore_errors=True)
+            self._remove_spool()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

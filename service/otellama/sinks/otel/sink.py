@@ -10,8 +10,9 @@ counters by the SDK.
 
 With ``export_here=False`` (``otellama serve``: the exporter process renders spans, metrics and the stats
 from the log) this sink only picks each exchange's trace context, keeps the in-flight count the exporter is
-told, catches the upstream call's span for the record, and counts what only this process sees (log write
-failures, the exporter's restarts): no per-exchange metric is recorded here.
+told, keeps the upstream call's span for the record (:mod:`~otellama.sinks.otel.calls`), and counts what
+only this process sees (log write failures, the exporter's restarts): no per-exchange metric is recorded
+here.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from opentelemetry.propagate import extract, get_global_textmap
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, TraceBasedExemplarFilter
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider, sampling
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider, sampling
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
@@ -40,6 +41,7 @@ from otellama.sinks.capper import Capper
 from otellama.sinks.complaints import Complaints
 from otellama.sinks.otel import semconv
 from otellama.sinks.otel.aggregates import Aggregates, Key
+from otellama.sinks.otel.calls import CallTracerProvider
 from otellama.sinks.otel.export import (
     CountingMetricExporter,
     CountingSpanExporter,
@@ -53,7 +55,7 @@ from otellama.sinks.otel.export import (
 from otellama.sinks.otel.exportqueue import CountedBatchSpanProcessor
 from otellama.sinks.otel.hosts import HostGauges, HostStates
 from otellama.sinks.otel.metrics import Instruments, record_metrics
-from otellama.sinks.otel.spans import PHASE_SPANS, SCOPE, call_span, render_spans
+from otellama.sinks.otel.spans import PHASE_SPANS, SCOPE, render_spans
 
 log = logging.getLogger(__name__)
 
@@ -114,19 +116,20 @@ class OtelSink:
         traces_wanted = bool(selected_exporters(env, "traces"))
         tracing = tracer_provider is not None or traces_wanted
         #: The upstream call's spans, caught for the record when another process exports (None otherwise).
-        self.calls: _CallSpans | None = None
+        self.calls: CallTracerProvider | None = None
         if tracer_provider is None:
             tracer_provider = TracerProvider(resource=resource(env))
             self._own_providers.append(tracer_provider)
-            if not export_here and traces_wanted:
-                self.calls = _CallSpans()
-                tracer_provider.add_span_processor(self.calls)
+            if not export_here and traces_wanted and not disabled(env):
+                self.calls = CallTracerProvider()
             for span_exporter_ in span_exporters(env) if export_here else []:
                 quiet_sdk_exporters()
                 exporter_ = CountingSpanExporter(span_exporter_, self._export_failed)
                 # A bounded queue (a dead collector cannot grow memory) whose drops are counted.
                 tracer_provider.add_span_processor(CountedBatchSpanProcessor(exporter_, meter_provider))
         self.tracer_provider = tracer_provider
+        #: The provider the httpx instrumentation makes the upstream call's span with.
+        self.call_tracer_provider: trace.TracerProvider = self.calls or tracer_provider
         self.sampler = tracer_provider.sampler
         self._default_sampler = self.sampler is sampling.DEFAULT_ON
         # Finished spans go straight to the provider's processors (see render_spans). A provider disabled
@@ -292,35 +295,6 @@ class OtelSink:
         self._complain(
             "OTLP export of %s failed%s; is the collector at the configured endpoint up?", signal, latest
         )
-
-
-class _CallSpans(SpanProcessor):
-    """Keeps each finished upstream-call span until its exchange's record takes it (:meth:`pop`).
-
-    The span ends when Ollama's response headers arrive, before the client has its first byte: it is only
-    put aside here, and turned into the record's :class:`~otellama.observe.record.CallSpan` when the record
-    is built, after the last byte. Bounded: a span no record claims (an exchange whose recorder never
-    finished) is forgotten once :data:`_CALL_SPANS_KEPT` newer ones are waiting.
-    """
-
-    def __init__(self) -> None:
-        self._waiting: dict[tuple[int, int], ReadableSpan] = {}
-
-    def on_end(self, span: ReadableSpan) -> None:
-        context, parent = span.context, span.parent
-        if context is None or parent is None:
-            return
-        waiting = self._waiting
-        if len(waiting) >= _CALL_SPANS_KEPT:
-            del waiting[next(iter(waiting))]
-        waiting[(context.trace_id, parent.span_id)] = span
-
-    def pop(self, trace_id: int, parent_span_id: int) -> CallSpan | None:
-        span = self._waiting.pop((trace_id, parent_span_id), None)
-        return None if span is None else call_span(span)
-
-
-_CALL_SPANS_KEPT = 10_000
 
 
 class _HeaderCarrier(dict[str, str]):

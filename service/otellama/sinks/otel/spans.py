@@ -18,7 +18,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 from otellama import __version__
 from otellama.exchange import OK
-from otellama.observe.record import CallSpan, Record
+from otellama.observe.record import Record
 from otellama.sinks.otel import semconv
 
 #: The span of each Ollama phase, by the phase's name in :meth:`Record.phases`.
@@ -122,28 +122,6 @@ def render_spans(record: Record, resource: Resource) -> list[ReadableSpan]:
 
 _KINDS: Final = {kind.name: kind for kind in SpanKind}
 _STATUS: Final = {code.name: code for code in StatusCode}
-
-
-def call_span(span: ReadableSpan) -> CallSpan | None:
-    """A finished span of the upstream call (made in the proxy by the httpx instrumentation) as a record's
-    :class:`~otellama.observe.record.CallSpan`; None for a span without a parent or times."""
-    context, parent = span.context, span.parent
-    if context is None or parent is None or span.start_time is None or span.end_time is None:
-        return None
-    scope = span.instrumentation_scope
-    return CallSpan(
-        span_id=context.span_id,
-        parent_span_id=parent.span_id,
-        name=span.name,
-        kind=span.kind.name,
-        start_ns=span.start_time,
-        end_ns=span.end_time,
-        attributes=dict(span.attributes or {}),
-        status=span.status.status_code.name,
-        status_description=span.status.description,
-        scope_name=scope.name if scope is not None else "",
-        scope_version=scope.version if scope is not None else None,
-    )
 
 
 def attributes_of(*pairs: tuple[str, Any]) -> dict[str, Any]:
