@@ -8,7 +8,8 @@ in front of one upstream (``bench/upstream.py``), and wrk (16 connections, ``POS
 ``proxy_bench.py``) drives them in turns, the order reversed every round; each round's ratio is taken against
 the telemetry-off proxy's turn in the same round. Telemetry off is ``bench/plain_proxy.py``; the others are
 ``otellama serve`` with the configuration's environment (OTLP goes to ``bench/otlp_sink.py``, which accepts
-everything). A server's exporter catches up between turns (a second), and its CPU is counted with its turn.
+everything). A server's exporter catches up before the next turn begins, and its CPU is counted with its
+turn.
 
     .venv/bin/python bench/throughput_ab.py [--rounds 6] [--seconds 5]
 """
@@ -61,6 +62,18 @@ async def wrk(script: Path, port: int, seconds: int) -> int:
     return int(match[1])
 
 
+async def settled(server: pb.Server) -> None:
+    """Wait (up to 15 s) until the server's exporter has caught up: its CPU stops growing. The next turn
+    then has the cores to itself, as the first had."""
+    last = server.children_cpu_seconds()
+    for _ in range(50):
+        await asyncio.sleep(0.3)
+        now = server.children_cpu_seconds()
+        if now == last:
+            return
+        last = now
+
+
 async def run(rounds: int, seconds: int, folder: Path) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "OTELLAMA_"))}
     upstream = pb.Server("upstream", [sys.executable, str(pb.UPSTREAM_SCRIPT)], clean, folder)
@@ -93,7 +106,7 @@ async def run(rounds: int, seconds: int, folder: Path) -> None:
                 started = time.perf_counter()
                 done = await wrk(script, server.port, seconds)
                 rate[name].append(done / (time.perf_counter() - started))
-                await asyncio.sleep(1.0)  # the exporter catches up, on this turn's account
+                await settled(server)  # the exporter catches up, on this turn's account
                 cpu[name].append((server.cpu_seconds() - own) / done * 1e6)
                 exporter[name].append((server.children_cpu_seconds() - children) / done * 1e6)
         off = rate["telemetry off"]
