@@ -115,7 +115,7 @@ class OtelSink:
 
         traces_wanted = bool(selected_exporters(env, "traces"))
         tracing = tracer_provider is not None or traces_wanted
-        #: The upstream call's spans, caught for the record when another process exports (None otherwise).
+        #: The upstream call's spans, kept for the record when another process exports (None otherwise).
         self.calls: CallTracerProvider | None = None
         if tracer_provider is None:
             tracer_provider = TracerProvider(resource=resource(env))
