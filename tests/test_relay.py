@@ -156,6 +156,27 @@ def test_an_app_built_with_the_log_off_but_never_started_leaves_no_spool(tmp_pat
     assert list(tmp_path.iterdir()) == []  # ...and the process left nothing behind
 
 
+def test_a_disabled_sdk_counts_nothing_and_exports_nothing_through_the_exporter_process(
+    tmp_path: Path, emulator: str, otellama: Callable[..., Serve]
+) -> None:
+    from tests.otlp_receiver import OtlpHttpReceiver
+
+    log_file = tmp_path / "otellama.jsonl"
+    with OtlpHttpReceiver() as receiver:
+        proc = otellama(
+            emulator, log_file, OTEL_SDK_DISABLED="true", OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint
+        )
+        traffic(proc.url, 2)
+        # README: "the OpenTelemetry SDK is off: no OTLP export, and /otellama/metrics answers with no
+        # metrics; the JSONL log stays on". An empty exposition is an answer, not a 503.
+        scrape = httpx.get(f"{proc.url}/otellama/metrics")
+        assert scrape.status_code == 200 and b"ollama_requests_total" not in scrape.content
+        assert len(logged(log_file)) == 2
+        proc.process.send_signal(signal.SIGTERM)  # the exporter drains to the log's end before it exits
+        assert proc.process.wait(20) in (0, -signal.SIGTERM)
+        assert receiver.attempts() == 0
+
+
 def test_merged_expositions_have_each_family_once() -> None:
     exporter = (
         b"# HELP a_total A\n# TYPE a_total counter\na_total 1.0\n# HELP target_info T\ntarget_info 1.0\n"
@@ -180,7 +201,7 @@ def test_the_relay_answers_nothing_to_a_bad_request_and_keeps_serving(
     server = RelayServer(str(tmp_path / "relay.sock"), answer)
     server.start()
     try:
-        for line, answer in ((request_line, b""), (b'{"stats": 60}\n', b'{"stats":60}')):
+        for line, answer in ((request_line, b""), (b'{"stats": 60}\n', b'={"stats":60}')):
             with socket.socket(socket.AF_UNIX) as client:
                 client.connect(str(tmp_path / "relay.sock"))
                 client.sendall(line)

@@ -2,7 +2,8 @@
 
 The numbers behind both live in the exporter process (:mod:`~otellama.exporter.live`), so the proxy asks it:
 one request per connection on a Unix socket in a private directory, a JSON line each way in, the answer's
-bytes back until the exporter closes. ``{"metrics": report}`` carries the proxy's in-flight gauge and host
+bytes back until the exporter closes, after a mark (:data:`ANSWERED`) that tells an empty answer (the metrics
+of a disabled SDK) from none at all. ``{"metrics": report}`` carries the proxy's in-flight gauge and host
 states (they live in the proxy) so the scrape shows them as they are now; ``{"stats": seconds}`` asks for
 the window's summary as JSON. The proxy adds the few metrics only it knows (log write failures, exporter
 restarts) with :func:`merge_expositions`.
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 REQUEST_LIMIT: Final = 4 * 1024 * 1024
 ANSWER_LIMIT: Final = 256 * 1024 * 1024
+#: The first byte of every answer: without it an empty answer would read as no answer (a 503).
+ANSWERED: Final = b"="
 
 Answer = Callable[[Mapping[str, Any]], bytes]
 
@@ -64,7 +67,7 @@ class RelayServer:
             log.warning("could not answer the proxy's %r: %r", line[:80], exc)
             return
         with contextlib.suppress(OSError):
-            write(answer)
+            write(ANSWERED + answer)
 
     def close(self) -> None:
         self._server.shutdown()
@@ -88,7 +91,8 @@ async def ask(path: str, request: Mapping[str, Any], within: float) -> bytes | N
                     if size > ANSWER_LIMIT:
                         return None
                     chunks.append(chunk)
-                return b"".join(chunks) or None
+                answer = b"".join(chunks)
+                return answer[1:] if answer[:1] == ANSWERED else None
             finally:
                 writer.close()
                 with contextlib.suppress(OSError):
