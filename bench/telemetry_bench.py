@@ -66,11 +66,6 @@ from otellama.sinks.otel.sink import OtelSink
 sys.path.insert(0, str(Path(__file__).parent))  # proxy_bench's servers, for the in-situ figures
 
 
-class _Drop(SpanExporter):
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        return SpanExportResult.SUCCESS
-
-
 def _stream() -> list[bytes]:
     chunk = {"model": "llama3.2:3b", "created_at": "2026-11-28T12:00:00.000000Z", "done": False}
     lines = [orjson.dumps({**chunk, "message": {"role": "assistant", "content": "tok"}}) + b"\n"] * 199
