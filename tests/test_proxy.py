@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import threading
 import time
@@ -360,3 +361,42 @@ async def test_client_disconnect_closes_the_upstream_request_at_once(
     assert await wait_for(lambda: bool(emulator.cancellations), limit=5)
     [cancellation] = emulator.cancellations
     assert cancellation.at - closed_at < 0.1
+
+
+def test_a_finished_stream_leaves_no_reference_cycle(
+    proxy_to: Callable[..., str], serve: Callable[..., str]
+) -> None:
+    """An exchange's objects are freed when it ends, by reference counting. One left in a reference cycle
+    waits for a full garbage collection, and a thousand streams of them made those collections long: the
+    event loop's tail (RELIABILITY.md). The stream outlasts WATCH_DELAY, so the disconnect watcher runs."""
+    from otellama.emulator import EmulatorSettings, create_emulator
+    from otellama.proxy.forward import WATCH_DELAY, RelayState
+
+    tokens = 10
+    emulator = create_emulator(EmulatorSettings(token_rate=tokens / (5 * WATCH_DELAY), load_seconds=0.0))
+    url = proxy_to(serve(emulator))
+    body = orjson.dumps(
+        {
+            "model": "llama3.2:3b",
+            "messages": [{"role": "user", "content": "hi"}],
+            "options": {"num_predict": tokens},
+        }
+    )
+
+    def relay_states() -> int:
+        return sum(isinstance(thing, RelayState) for thing in gc.get_objects())
+
+    gc.collect()
+    gc.disable()  # what a cycle holds stays, so it can be counted
+    try:
+        with httpx.Client(timeout=10) as client:
+            for _ in range(3):
+                with client.stream("POST", f"{url}/api/chat", content=body) as response:
+                    lines = list(response.iter_lines())
+                assert response.status_code == 200 and orjson.loads(lines[-1])["done"] is True
+        deadline = time.monotonic() + 2.0  # the watcher ends on the server's next turn after the last byte
+        while (left := relay_states()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        gc.enable()
+    assert left == 0
