@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import hashlib
 import socket
 import threading
@@ -238,6 +239,29 @@ def test_oversized_headers_are_refused_with_431(serve: Callable[..., str], tmp_p
     cookie = "; ".join(f"c{i}={'v' * 60}" for i in range(200))  # ~13 KB
     assert httpx.get(f"{url}/api/tags", headers={"Cookie": cookie}).status_code == 200
     assert [seen.header(b"cookie") for seen in upstream.forwarded] == [cookie.encode()]
+
+
+def test_a_closed_connection_leaves_no_reference_cycle(serve: Callable[..., str], tmp_path: Path) -> None:
+    """A connection's objects are freed when it closes, by reference counting, as uvicorn's own protocol's
+    are: what a cycle holds waits for a garbage collection, and the longer a connection lived the fuller
+    (and longer) that collection must be."""
+    url = guarded_proxy(serve, serve(ScriptedUpstream()), tmp_path / "otellama.jsonl")
+
+    def protocols() -> int:
+        return sum(isinstance(thing, connection.GuardedProtocol) for thing in gc.get_objects())
+
+    gc.collect()
+    gc.disable()  # what a cycle holds stays, so it can be counted
+    try:
+        for _ in range(3):
+            answer = exchange(url, b"GET /api/tags HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 200 ")
+        deadline = time.monotonic() + 2.0  # the server's loop runs connection_lost on its next turn
+        while (left := protocols()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        gc.enable()
+    assert left == 0
 
 
 # --- slow clients -------------------------------------------------------------------------------------------

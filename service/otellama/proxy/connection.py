@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from typing import Any, Final
 
 from uvicorn.protocols.http.flow_control import FlowControl
@@ -81,7 +82,9 @@ class _Flow(FlowControl):
 
     def __init__(self, transport: asyncio.Transport, protocol: GuardedProtocol) -> None:
         super().__init__(transport)
-        self._protocol = protocol
+        # Weakly: the protocol holds its flow, and a cycle would outlive the connection until a garbage
+        # collection (uvicorn's own protocol leaves none).
+        self._protocol = weakref.ref(protocol)
         self.wanted = True  # whether uvicorn wants to read, as it last said
 
     def pause_reading(self) -> None:
@@ -90,7 +93,8 @@ class _Flow(FlowControl):
 
     def resume_reading(self) -> None:
         self.wanted = True
-        if not self._protocol.queue_full():
+        protocol = self._protocol()
+        if protocol is None or not protocol.queue_full():
             super().resume_reading()
 
     def hold(self) -> None:
