@@ -37,7 +37,7 @@ class CallTracerProvider(trace.TracerProvider):
     """Hands out tracers whose spans wait, finished, for their exchange's record (:meth:`pop`)."""
 
     def __init__(self) -> None:
-        self._waiting: dict[tuple[int, int], CallSpan] = {}
+        self._waiting: dict[tuple[int, int], _CallSpan] = {}
         self._random = random.Random()
 
     def get_tracer(
@@ -51,13 +51,14 @@ class CallTracerProvider(trace.TracerProvider):
 
     def pop(self, trace_id: int, parent_span_id: int) -> CallSpan | None:
         """The finished call span whose parent is ``parent_span_id`` in trace ``trace_id``, if any."""
-        return self._waiting.pop((trace_id, parent_span_id), None)
+        span = self._waiting.pop((trace_id, parent_span_id), None)
+        return None if span is None else span.call_span()
 
-    def _ended(self, span: CallSpan, trace_id: int) -> None:
+    def _ended(self, span: _CallSpan) -> None:
         waiting = self._waiting
         if len(waiting) >= KEPT:
             del waiting[next(iter(waiting))]
-        waiting[(trace_id, span.parent_span_id)] = span
+        waiting[(span.get_span_context().trace_id, span.parent_span_id)] = span
 
 
 class _CallTracer(trace.Tracer):
@@ -124,10 +125,11 @@ class _CallSpan(trace.Span):
         start_time: int | None,
     ) -> None:
         self._provider, self._scope, self._name, self._kind = provider, scope, name, kind
-        self._context, self._parent_span_id = context, parent_span_id
+        self._context, self.parent_span_id = context, parent_span_id
         self._attributes: dict[str, Any] = {}
         self._status = Status(StatusCode.UNSET)
         self._start = start_time if start_time is not None else time.time_ns()
+        self._end = 0
         self._ended = False
         if attributes:
             self.set_attributes(attributes)
@@ -182,19 +184,25 @@ class _CallSpan(trace.Span):
         if self._ended:
             return
         self._ended = True
+        self._end = end_time if end_time is not None else time.time_ns()
+        # Put aside as it is: the record's CallSpan is made when the record takes it, after the last byte,
+        # not here, where the call ends as Ollama's response headers arrive (on the request path).
+        self._provider._ended(self)
+
+    def call_span(self) -> CallSpan:
+        """The finished span as the record carries it."""
         name, version = self._scope
         status = self._status
-        call = CallSpan(
+        return CallSpan(
             span_id=self._context.span_id,
-            parent_span_id=self._parent_span_id,
+            parent_span_id=self.parent_span_id,
             name=self._name,
             kind=self._kind.name,
             start_ns=self._start,
-            end_ns=end_time if end_time is not None else time.time_ns(),
+            end_ns=self._end,
             attributes=self._attributes,
             status=status.status_code.name,
             status_description=status.description,
             scope_name=name,
             scope_version=version,
         )
-        self._provider._ended(call, self._context.trace_id)
